@@ -1,0 +1,180 @@
+"""Checkpoints: megatron-core distributed checkpoints that describe themselves.
+
+Layout of a checkpoint directory:
+    model/              megatron-core dist checkpoint of the model (torch_dist format); it stores
+                        global shapes and offsets, so it reloads at any TP/PP layout
+    model_config.json   the ModelConfig (architecture) the weights belong to
+    provenance.json     stage, inputs and their hashes, the stage config, the writing layout
+    COMPLETE            written last: a directory without it is an unfinished write
+
+Writes are atomic: everything goes to `<dir>.tmp-<id>` and is renamed into place at the end, so a
+crash leaves whatever was there before usable and never a half checkpoint under the final name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron_prune.config import ConfigError, ModelConfig
+from megatron_prune.parallel import Groups
+
+MARKER = "COMPLETE"
+MODEL_DIR = "model"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_str(value: str) -> str:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool, field: str) -> Path:
+    """Refuse to clobber an existing output unless asked to; called before any work starts."""
+    out = Path(path)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{field}={out} already exists and is not empty; choose a new path or "
+                          f"pass overwrite=true")
+    if not out.parent.exists():
+        raise ConfigError(f"{field}={out}: the parent directory {out.parent} does not exist")
+    return out
+
+
+def atomic_dir(final: str | os.PathLike, write: Callable[[Path], None],
+               overwrite: bool = False) -> Path:
+    """Run `write(tmp)` on all ranks into one shared temporary directory, then rename it to `final`
+    on rank 0. A failure on any rank removes the temporary directory and re-raises."""
+    final = Path(final)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tmp = Path(_broadcast_str(str(final.parent / f".{final.name}.tmp-{os.getpid()}-{int(time.time())}")))
+    if rank == 0:
+        tmp.mkdir(parents=True)
+    _barrier()
+    try:
+        write(tmp)
+        _barrier()
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if rank == 0:
+        if final.exists():
+            if not overwrite:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ConfigError(f"{final} appeared while writing; refusing to replace it")
+            trash = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    _barrier()
+    return final
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_sha256(path: str | os.PathLike) -> str:
+    """Hash of a directory's files (names and contents), for provenance of inputs."""
+    root = Path(path)
+    if root.is_file():
+        return file_sha256(root)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def save_checkpoint(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | os.PathLike,
+                    groups: Groups, provenance: dict[str, Any], overwrite: bool = False) -> Path:
+    from megatron.core import dist_checkpointing
+
+    def write(tmp: Path) -> None:
+        if groups.is_rank0:
+            (tmp / MODEL_DIR).mkdir()
+        _barrier()
+        dist_checkpointing.save(model.sharded_state_dict(), str(tmp / MODEL_DIR))
+        if groups.is_rank0:
+            (tmp / "model_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            record = dict(provenance)
+            record.setdefault("written_at_layout", groups.layout)
+            record.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            (tmp / "provenance.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+            _barrier_free_marker(tmp)
+
+    return atomic_dir(out_dir, write, overwrite=overwrite)
+
+
+def _barrier_free_marker(tmp: Path) -> None:
+    (tmp / MARKER).write_text("ok\n")
+
+
+def validate_checkpoint(path: str | os.PathLike, field: str = "checkpoint") -> Path:
+    """Check that a directory is a complete checkpoint of ours before anything is built."""
+    ckpt = Path(path)
+    if not ckpt.exists():
+        raise ConfigError(f"{field}={ckpt} does not exist; pass the directory written by convert, "
+                          f"prune or distill")
+    if not ckpt.is_dir():
+        raise ConfigError(f"{field}={ckpt} is a file; a checkpoint is a directory")
+    if not (ckpt / MARKER).exists():
+        raise ConfigError(f"{field}={ckpt} is incomplete (no {MARKER} marker): the write that made "
+                          f"it did not finish; rerun the stage that produces it")
+    for name in ("model_config.json", f"{MODEL_DIR}/metadata.json", f"{MODEL_DIR}/.metadata"):
+        if not (ckpt / name).exists():
+            raise ConfigError(f"{field}={ckpt} is missing {name}; the checkpoint is damaged, "
+                              f"rerun the stage that produces it")
+    distcp = list((ckpt / MODEL_DIR).glob("*.distcp"))
+    if not distcp:
+        raise ConfigError(f"{field}={ckpt}/{MODEL_DIR} holds no *.distcp shard files; the "
+                          f"checkpoint is damaged, rerun the stage that produces it")
+    return ckpt
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    file = Path(path) / "model_config.json"
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{file}: cannot read the model config ({err}); the checkpoint is damaged")
+    return ModelConfig.from_dict(data, where=str(file))
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    file = Path(path) / "provenance.json"
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load weights into a model built at any layout (megatron reshards from global offsets)."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = validate_checkpoint(path)
+    try:
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt / MODEL_DIR))
+    except Exception as err:  # a truncated shard file surfaces here
+        raise ConfigError(f"checkpoint={ckpt}: loading the weights failed ({type(err).__name__}: "
+                          f"{str(err)[:300]}); the checkpoint is damaged or does not match "
+                          f"{ckpt / 'model_config.json'}") from err
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,115 @@
+"""Join torch.distributed from the launcher's environment and set up megatron's parallel state.
+
+torchrun exports RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; Slurm's srun exports
+SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (our sbatch template sets MASTER_ADDR/PORT). A plain
+`python` run is a world of one. The backend is NCCL with CUDA and gloo without.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_prune.config import ConfigError, ParallelConfig
+from megatron_prune.runtime import cpu
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_launch_env() -> DistEnv:
+    """Rank layout from torchrun's or Slurm's variables; a single process when there are none."""
+    rank = _env_int("RANK", "SLURM_PROCID")
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID")
+    if rank is None or world is None:
+        rank, world, local = 0, 1, 0
+    return DistEnv(rank=rank, world_size=world, local_rank=local or 0, backend="")
+
+
+def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEnv:
+    """Join (or reuse) the default process group."""
+    env = read_launch_env()
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend=nccl needs CUDA; this machine has none (use gloo or auto)")
+    if dist.is_initialized():
+        return DistEnv(dist.get_rank(), dist.get_world_size(), env.local_rank, dist.get_backend())
+    if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group(
+        backend=backend, rank=env.rank, world_size=env.world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DistEnv(env.rank, env.world_size, env.local_rank, backend)
+
+
+def check_layout(pc: ParallelConfig, world_size: int) -> int:
+    """The data-parallel size implied by the layout; an error if the world does not factor."""
+    if world_size % (pc.tp * pc.pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tp * parallel.pp = "
+            f"{pc.tp} * {pc.pp}; launch tp*pp*dp processes (e.g. torchrun --nproc-per-node="
+            f"{pc.tp * pc.pp}) or change parallel.tp / parallel.pp")
+    return world_size // (pc.tp * pc.pp)
+
+
+def init_runtime(pc: ParallelConfig):
+    """torch.distributed, megatron's model-parallel state and RNG; returns the explicit `Groups`."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_prune.parallel import Groups
+
+    cpu.activate()
+    env = init_distributed(pc.backend)
+    check_layout(pc, env.world_size)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=pc.tp, pipeline_model_parallel_size=pc.pp,
+        create_gloo_process_groups=False)
+    groups = Groups.from_megatron()
+    torch.manual_seed(pc.seed)
+    if cpu.is_active():
+        cpu.seed_model_parallel_rng(pc.seed, groups.tp_rank)
+    else:
+        model_parallel_cuda_manual_seed(pc.seed)
+    return groups
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
