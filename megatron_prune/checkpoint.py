@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -49,8 +49,8 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool, field: str) -> Pa
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{field}={out} already exists and is not empty; choose a new path or "
                           f"pass overwrite=true")
-    if not out.parent.exists():
-        raise ConfigError(f"{field}={out}: the parent directory {out.parent} does not exist")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{field}={out} is a file; pass a directory path")
     return out
 
 
@@ -62,7 +62,7 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[Path], None],
     rank = dist.get_rank() if dist.is_initialized() else 0
     tmp = Path(_broadcast_str(str(final.parent / f".{final.name}.tmp-{os.getpid()}-{int(time.time())}")))
     if rank == 0:
-        tmp.mkdir(parents=True)
+        tmp.mkdir(parents=True)  # also creates missing parents of the output (e.g. runs/)
     _barrier()
     try:
         write(tmp)
@@ -107,7 +107,10 @@ def tree_sha256(path: str | os.PathLike) -> str:
 
 
 def save_checkpoint(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | os.PathLike,
-                    groups: Groups, provenance: dict[str, Any], overwrite: bool = False) -> Path:
+                    groups: Groups, provenance: dict[str, Any], overwrite: bool = False,
+                    extra_files: Optional[Callable[[Path], None]] = None) -> Path:
+    """Save `model` (this rank's shards) with its config and provenance; `extra_files(tmp)` may add
+    files (e.g. the tokenizer) before the directory is marked complete and renamed into place."""
     from megatron.core import dist_checkpointing
 
     def write(tmp: Path) -> None:
@@ -121,13 +124,13 @@ def save_checkpoint(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | os.
             record.setdefault("written_at_layout", groups.layout)
             record.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             (tmp / "provenance.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-            _barrier_free_marker(tmp)
+        if extra_files is not None:
+            extra_files(tmp)
+        _barrier()
+        if groups.is_rank0:
+            (tmp / MARKER).write_text("ok\n")
 
     return atomic_dir(out_dir, write, overwrite=overwrite)
-
-
-def _barrier_free_marker(tmp: Path) -> None:
-    (tmp / MARKER).write_text("ok\n")
 
 
 def validate_checkpoint(path: str | os.PathLike, field: str = "checkpoint") -> Path:

@@ -1,0 +1,49 @@
+"""`megatron-prune <stage> [hydra overrides]` and `python -m megatron_prune <stage> ...`."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# stage -> (module with `app`, one-line description). Order is the pipeline's order.
+STAGES: dict[str, tuple[str, str]] = {
+    "assets": ("megatron_prune.cli.assets",
+               "fetch the embedded default: SmolLM2-135M (GGUF -> HF, cached) + Shakespeare datasets"),
+    "prepare-data": ("megatron_prune.cli.prepare_data",
+                     "text files -> megatron indexed datasets with document-level splits"),
+    "convert": ("megatron_prune.cli.convert",
+                "HF checkpoint (safetensors dir or .gguf) -> megatron dist checkpoint at a TP/PP layout"),
+    "evaluate": ("megatron_prune.cli.evaluate",
+                 "validation perplexity and zero-shot multiple-choice accuracy at any TP/PP/DP"),
+    "export": ("megatron_prune.cli.export",
+               "megatron checkpoint (any layout) -> HF safetensors directory for transformers"),
+}
+
+
+def usage() -> str:
+    width = max(len(s) for s in STAGES)
+    lines = ["usage: megatron-prune <stage> [key=value ...]   (Hydra overrides; --cfg job shows the config)",
+             "       torchrun --nproc-per-node=N -m megatron_prune <stage> [key=value ...]", "",
+             "stages:"]
+    lines += [f"  {name.ljust(width)}  {desc}" for name, (_, desc) in STAGES.items()]
+    lines += ["", "Each stage's config: megatron-prune <stage> --cfg job"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    stage = args[0]
+    if stage not in STAGES:
+        print(f"megatron-prune: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(STAGES[stage][0])
+    # Hydra reads sys.argv: leave it only the overrides, with the stage in the program name.
+    sys.argv = [f"megatron-prune {stage}", *args[1:]]
+    module.app()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
