@@ -57,8 +57,8 @@ def local_row_sums(model: torch.nn.Module, groups: Groups, windows: TokenWindows
                    desc: str = "evaluate") -> tuple[torch.Tensor, torch.Tensor]:
     """This DP rank's rows: (sample_ids [k] int64, sums [k, 2] float64 = [-sum log p, n targets]).
 
-    Filler rows are dropped. Identical on every TP/PP rank of a model replica; the caller reduces over
-    `groups.dp`.
+    Filler rows are included with sample_id -1 (they have no targets, so they add nothing to a sum).
+    Identical on every TP/PP rank of a model replica; the caller reduces over `groups.dp`.
     """
     if microbatches_per_call < 1:
         raise ConfigError(f"microbatches_per_call={microbatches_per_call} must be >= 1")
@@ -83,9 +83,7 @@ def local_row_sums(model: torch.nn.Module, groups: Groups, windows: TokenWindows
             bar.close()
     if not ids:
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0, 2, dtype=torch.float64)
-    sample_ids, row_sums = torch.cat(ids), torch.cat(sums)
-    real = sample_ids >= 0  # [k_padded]
-    return sample_ids[real], row_sums[real]
+    return torch.cat(ids), torch.cat(sums)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool) -> Optional["tqdm"]:  # noqa: F821
