@@ -30,6 +30,7 @@ setup(
         "wandb>=0.18",
         "transformers>=4.45",
         "gguf>=0.10",
+        "accelerate>=0.30",  # transformers needs it to load GGUF files
         "safetensors>=0.4",
         "tqdm>=4.60",
         "numpy>=1.24",
