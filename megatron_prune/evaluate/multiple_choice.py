@@ -149,7 +149,7 @@ def build_rows(encoded: list[list[tuple[list[int], list[int]]]], seq_length: int
         m = len(full) - 1  # inputs (and targets) in this row
         tokens[slot, :m] = torch.tensor(full[:-1], dtype=torch.int64)
         labels[slot, :m] = torch.tensor(full[1:], dtype=torch.int64)
-        loss_mask[slot, :m] = 1.0  # only the continuation's targets count
+        loss_mask[slot, m - k:m] = 1.0  # only the continuation's targets count
     windows = TokenWindows(tokens=tokens, labels=labels, loss_mask=loss_mask,
                            document_ids=torch.tensor([flat[r][0] for r in order], dtype=torch.int64),
                            sample_ids=torch.tensor(order, dtype=torch.int64), pad_id=pad_id)
