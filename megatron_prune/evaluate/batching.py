@@ -47,7 +47,7 @@ def masked_loss_sums(loss: torch.Tensor, batch: Batch) -> torch.Tensor:
 def trimmed_batches(chunk: list[TokenWindows]) -> list[Batch]:
     """Micro-batches of one schedule call, cut to a common width: the last target of any row, + 1."""
     used = [int(mb.loss_mask.nonzero()[:, 1].max()) + 1 if mb.num_targets else 0 for mb in chunk]
-    width = max(1, *used) - 1  # an all-filler call still runs (the pipeline's ranks stay in step)
+    width = max(1, *used)  # an all-filler call still runs (the pipeline's ranks stay in step)
     return [Batch(tokens=mb.tokens[:, :width].contiguous(), labels=mb.labels[:, :width].contiguous(),
                   loss_mask=mb.loss_mask[:, :width].contiguous()) for mb in chunk]
 
