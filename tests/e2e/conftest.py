@@ -35,3 +35,17 @@ def smollm2_hf_logits(smollm2_dir, shakespeare_tokens):
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(shakespeare_tokens).logits  # [1, s, V]
+
+
+@pytest.fixture(scope="session")
+def shakespeare_data():
+    """The embedded default's prepared datasets, made by the real `megatron-prune assets` command
+    (idempotent: reuses the cache when it is complete)."""
+    import subprocess
+    import sys
+
+    from megatron_prune.convert.cache import cache_root
+
+    subprocess.run([sys.executable, "-m", "megatron_prune", "assets"], check=True,
+                   capture_output=True, text=True)
+    return str(cache_root() / "data" / "shakespeare-smollm2")
