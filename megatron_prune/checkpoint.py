@@ -46,12 +46,22 @@ def _broadcast_str(value: str) -> str:
 def check_output_dir(path: str | os.PathLike, overwrite: bool, field: str) -> Path:
     """Refuse to clobber an existing output unless asked to; called before any work starts."""
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{field}={out} is a file; pass a directory path")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{field}={out} already exists and is not empty; choose a new path or "
                           f"pass overwrite=true")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{field}={out} is a file; pass a directory path")
     return out
+
+
+def check_not_overlapping(output: str | os.PathLike, field: str, **inputs: str | os.PathLike) -> None:
+    """A stage never writes into (or replaces a directory holding) one of its inputs."""
+    out = Path(output).resolve()
+    for name, value in inputs.items():
+        src = Path(value).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise ConfigError(f"{field}={output} overlaps {name}={value}; a stage never writes into "
+                              f"its inputs, choose an output path outside it")
 
 
 def atomic_dir(final: str | os.PathLike, write: Callable[[Path], None],
@@ -152,7 +162,33 @@ def validate_checkpoint(path: str | os.PathLike, field: str = "checkpoint") -> P
     if not distcp:
         raise ConfigError(f"{field}={ckpt}/{MODEL_DIR} holds no *.distcp shard files; the "
                           f"checkpoint is damaged, rerun the stage that produces it")
+    _check_shard_files(ckpt / MODEL_DIR, field)
     return ckpt
+
+
+def _check_shard_files(model_dir: Path, field: str) -> None:
+    """Every shard file the dist-checkpoint metadata points into exists and is long enough, so a
+    truncated or missing `.distcp` is reported by name before a model is built (reads the
+    metadata only)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(model_dir)).read_metadata().storage_data
+    except Exception as err:  # a damaged .metadata pickle raises anything
+        raise ConfigError(f"{field}: {model_dir / '.metadata'} cannot be read ({type(err).__name__}); "
+                          f"the checkpoint is damaged, rerun the stage that produces it") from err
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = model_dir / name
+        if not file.is_file():
+            raise ConfigError(f"{field}: shard file {file} is missing; the checkpoint is damaged, "
+                              f"rerun the stage that produces it")
+        if file.stat().st_size < size:
+            raise ConfigError(f"{field}: shard file {file} is truncated ({file.stat().st_size} of "
+                              f"{size} bytes); the checkpoint is damaged, rerun the stage that "
+                              f"produces it")
 
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
@@ -172,12 +208,25 @@ def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
 def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load weights into a model built at any layout (megatron reshards from global offsets)."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     ckpt = validate_checkpoint(path)
     try:
         state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt / MODEL_DIR))
-    except Exception as err:  # a truncated shard file surfaces here
-        raise ConfigError(f"checkpoint={ckpt}: loading the weights failed ({type(err).__name__}: "
-                          f"{str(err)[:300]}); the checkpoint is damaged or does not match "
+    # torch's CheckpointException (a corrupt shard surfaces as one) derives from BaseException.
+    except (Exception, CheckpointException) as err:
+        raise ConfigError(f"checkpoint={ckpt}: loading the weights failed ({_one_line(err)}); the "
+                          f"checkpoint is damaged or does not match "
                           f"{ckpt / 'model_config.json'}") from err
     model.load_state_dict(state, strict=False)
+
+
+def _one_line(err: BaseException) -> str:
+    """`Type: first sentence` of the root failure, on one line (a CheckpointException's str() is
+    a multi-line traceback per rank; torch.load's errors run to a paragraph of advice)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]
+    text = " ".join(str(err).split()).split(". ")[0][:200]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

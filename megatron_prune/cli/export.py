@@ -12,6 +12,17 @@ def _body(cfg, groups, logger):
     return path
 
 
+def _check(cfg, pcfg) -> None:
+    """What export can refuse before it starts: the checkpoint, the output, the layout vs the model."""
+    from megatron_prune import checkpoint
+    from megatron_prune.models.build import check_divisibility
+
+    ckpt = checkpoint.validate_checkpoint(cfg.checkpoint)
+    checkpoint.check_output_dir(cfg.output, cfg.overwrite, "output")
+    checkpoint.check_not_overlapping(cfg.output, "output", checkpoint=cfg.checkpoint)
+    check_divisibility(checkpoint.read_model_config(ckpt), pcfg.tp, pcfg.pp)
+
+
 @hydra.main(version_base=VERSION_BASE, config_path=CONF, config_name="export")
 def app(cfg) -> None:
-    run_stage("export", cfg, _body)
+    run_stage("export", cfg, _body, check=_check)

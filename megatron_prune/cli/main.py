@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stage = args[0]
     if stage not in STAGES:
-        print(f"megatron-prune: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        print(f"{usage()}\n\nmegatron-prune: error: unknown stage {stage!r}; choose one of: "
+              f"{', '.join(STAGES)}", file=sys.stderr)
         return 2
     module = importlib.import_module(STAGES[stage][0])
     # Hydra reads sys.argv: leave it only the overrides, with the stage in the program name.

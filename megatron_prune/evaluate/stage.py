@@ -59,15 +59,9 @@ def _resolve_task(s: EvalSettings, manifest) -> Optional[str]:
     return s.task
 
 
-def evaluate_checkpoint(s: EvalSettings, groups: Groups, show_progress: bool = True) -> EvalResult:
-    from megatron_prune.convert.stages import tokenizer_dir_of
-    from megatron_prune.data.indexed import load_tokenizer
-    from megatron_prune.data.loaders import token_windows
+def validate_settings(s: EvalSettings):
+    """Everything `evaluate` can refuse cheaply (files and JSON only), before any start-up."""
     from megatron_prune.data.manifest import load_manifest
-    from megatron_prune.data.tasks import load_task
-    from megatron_prune.evaluate.multiple_choice import score_multiple_choice
-    from megatron_prune.evaluate.perplexity import perplexity
-    from megatron_prune.models.build import build_model
 
     ckpt = checkpoint.validate_checkpoint(s.checkpoint)
     cfg = checkpoint.read_model_config(ckpt)
@@ -80,7 +74,22 @@ def evaluate_checkpoint(s: EvalSettings, groups: Groups, show_progress: bool = T
     if manifest.tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(f"data_dir={s.data_dir} was tokenised with a vocabulary of "
                           f"{manifest.tokenizer.vocab_size} but {ckpt} has vocab_size={cfg.vocab_size}")
-    task_path = _resolve_task(s, manifest)
+    for name in ("seq_length", "micro_batch_size", "task_seq_length"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"{name}={getattr(s, name)} must be >= 1")
+    return ckpt, cfg, manifest, _resolve_task(s, manifest)
+
+
+def evaluate_checkpoint(s: EvalSettings, groups: Groups, show_progress: bool = True) -> EvalResult:
+    from megatron_prune.convert.stages import tokenizer_dir_of
+    from megatron_prune.data.indexed import load_tokenizer
+    from megatron_prune.data.loaders import token_windows
+    from megatron_prune.data.tasks import load_task
+    from megatron_prune.evaluate.multiple_choice import score_multiple_choice
+    from megatron_prune.evaluate.perplexity import perplexity
+    from megatron_prune.models.build import build_model
+
+    ckpt, cfg, manifest, task_path = validate_settings(s)
     examples = load_task(task_path) if task_path else []
     if s.max_task_examples is not None:
         examples = examples[: s.max_task_examples]

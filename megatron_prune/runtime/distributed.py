@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -50,13 +51,19 @@ def read_launch_env() -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local or 0, backend="")
 
 
+def resolve_backend(backend: str) -> str:
+    """`auto` -> nccl with CUDA, gloo without; nccl on a machine without CUDA is an error."""
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend=nccl needs CUDA; this machine has none (use gloo or auto)")
+    return backend
+
+
 def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEnv:
     """Join (or reuse) the default process group."""
     env = read_launch_env()
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise ConfigError("parallel.backend=nccl needs CUDA; this machine has none (use gloo or auto)")
+    backend = resolve_backend(backend)
     if dist.is_initialized():
         return DistEnv(dist.get_rank(), dist.get_world_size(), env.local_rank, dist.get_backend())
     if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
@@ -83,15 +90,21 @@ def check_layout(pc: ParallelConfig, world_size: int) -> int:
 
 
 def init_runtime(pc: ParallelConfig):
-    """torch.distributed, megatron's model-parallel state and RNG; returns the explicit `Groups`."""
+    """torch.distributed, megatron's model-parallel state and RNG; returns the explicit `Groups`.
+
+    The backend and the layout are checked against the launcher's environment first, so a bad
+    launch fails in a second, before megatron is imported or any rank waits for the others."""
+    resolve_backend(pc.backend)
+    world = dist.get_world_size() if dist.is_initialized() else read_launch_env().world_size
+    check_layout(pc, world)
+
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_prune.parallel import Groups
 
     cpu.activate()
-    env = init_distributed(pc.backend)
-    check_layout(pc, env.world_size)
+    init_distributed(pc.backend)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -107,9 +120,9 @@ def init_runtime(pc: ParallelConfig):
 
 
 def shutdown() -> None:
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
+    # Not imported means never initialised: a run refused before start-up skips megatron's import.
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
