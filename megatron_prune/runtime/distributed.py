@@ -1,16 +1,19 @@
 """Join torch.distributed from the launcher's environment and set up megatron's parallel state.
 
 torchrun exports RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; Slurm's srun exports
-SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (our sbatch template sets MASTER_ADDR/PORT). A plain
+SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; without MASTER_ADDR/PORT a Slurm job rendezvouses on the
+first node of SLURM_JOB_NODELIST at a port derived from the job id. A plain
 `python` run is a world of one. The backend is NCCL with CUDA and gloo without.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -41,6 +44,34 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: 'gpu[07-09,12],cpu1' -> 'gpu07'."""
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if head is None or not head.group(1):
+        raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r} cannot be parsed; set MASTER_ADDR")
+    prefix, ranges = head.group(1), head.group(3)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def slurm_rendezvous(environ: Mapping[str, str]) -> dict[str, str]:
+    """MASTER_ADDR / MASTER_PORT for processes started by srun (no torchrun in between)."""
+    if "SLURM_PROCID" not in environ or "RANK" in environ:
+        return {}
+    found: dict[str, str] = {}
+    if "MASTER_ADDR" not in environ:
+        nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+        if not nodelist:
+            raise ConfigError("a Slurm task without MASTER_ADDR or SLURM_JOB_NODELIST: set "
+                              "MASTER_ADDR to the first node's address")
+        found["MASTER_ADDR"] = first_host(nodelist)
+    if "MASTER_PORT" not in environ:
+        # one port per job, so two jobs sharing a node do not collide
+        found["MASTER_PORT"] = str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
+    return found
+
+
 def read_launch_env() -> DistEnv:
     """Rank layout from torchrun's or Slurm's variables; a single process when there are none."""
     rank = _env_int("RANK", "SLURM_PROCID")
@@ -66,6 +97,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEn
     backend = resolve_backend(backend)
     if dist.is_initialized():
         return DistEnv(dist.get_rank(), dist.get_world_size(), env.local_rank, dist.get_backend())
+    os.environ.update(slurm_rendezvous(os.environ))
     if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(_free_port())
