@@ -28,17 +28,27 @@ def _global_layer_map(model: torch.nn.Module) -> dict[int, int]:
     return {i: int(layer.layer_number) - 1 for i, layer in enumerate(layers)}
 
 
+# The Transformer Engine spec fuses each pre-norm into the linear layer that follows it.
+_TE_FUSED_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+
 def canonical_name(local_name: str, layer_map: Mapping[int, int], tied: bool) -> str:
     m = _LAYER.match(local_name)
     if m:
-        return f"decoder.layers.{layer_map[int(m.group(1))]}.{m.group(2)}"
+        rest = _TE_FUSED_NORMS.get(m.group(2), m.group(2))
+        return f"decoder.layers.{layer_map[int(m.group(1))]}.{rest}"
     if tied and local_name == "output_layer.weight":
         # The last stage's copy of the shared embedding (PP > 1).
         return "embedding.word_embeddings.weight"
     return local_name
 
 
-def is_swiglu_fc1(name: str, param: torch.Tensor) -> bool:
+def is_swiglu_fc1(name: str) -> bool:
     return name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias")
 
 
@@ -75,7 +85,7 @@ def load_full_state(model: torch.nn.Module, get_full: Callable[[str], torch.Tens
     with torch.no_grad():
         for name, cname, param in local_params(model):
             full = get_full(cname)
-            piece = shard_of(full, param, gated and is_swiglu_fc1(name, param), groups.tp_rank,
+            piece = shard_of(full, param, gated and is_swiglu_fc1(name), groups.tp_rank,
                              groups.tp_size)
             if tuple(piece.shape) != tuple(param.shape):
                 raise ValueError(
@@ -104,7 +114,7 @@ def gather_full_state(model: torch.nn.Module, groups: Groups) -> dict[str, torch
     gated = _gated(model)
     local: dict[str, torch.Tensor] = {}
     for name, cname, param in local_params(model):
-        full = _gather_tp(param, gated and is_swiglu_fc1(name, param), groups)
+        full = _gather_tp(param, gated and is_swiglu_fc1(name), groups)
         local.setdefault(cname, full)
     if groups.pp_size == 1:
         return local
