@@ -13,6 +13,6 @@ os.environ.setdefault("WANDB_SILENT", "true")
 def pools():
     from tests.pool import Pools
 
-    p = Pools(max_alive=int(os.environ.get("MP_TEST_MAX_POOLS", "2")))
+    p = Pools(max_alive=int(os.environ.get("MP_TEST_MAX_POOLS", "3")))
     yield p
     p.close()
