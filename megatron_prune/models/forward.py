@@ -7,7 +7,7 @@ stages so every rank returns the same result.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -37,9 +37,11 @@ def _positions(batch: Batch) -> torch.Tensor:
 
 
 def run_forward(model: torch.nn.Module, groups: Groups, batches: Sequence[Batch], reduce: Reduce,
-                width: int, with_labels: bool = True) -> torch.Tensor:
+                width: int, with_labels: bool = True,
+                before: Optional[Callable[[Batch], None]] = None) -> torch.Tensor:
     """Forward-only over `batches` (equal shapes); returns the stacked reductions [n*b, width] on
-    every rank of the pipeline."""
+    every rank of the pipeline. `before(batch)`, if given, runs on every stage just before that
+    micro-batch's forward (e.g. to tell activation hooks which tokens are padding)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not batches:
@@ -51,6 +53,8 @@ def run_forward(model: torch.nn.Module, groups: Groups, batches: Sequence[Batch]
 
     def step(data_iterator, module):
         batch = next(data_iterator)
+        if before is not None:
+            before(batch)
         labels = batch.labels if with_labels else None
         output = module(batch.tokens, _positions(batch), None, labels=labels)
 

@@ -1,0 +1,180 @@
+"""Width importance on a tiny TP1/PP1 model equals a direct computation from the full activations,
+captured by plain torch hooks of the test's own (not the estimator's) and aggregated by hand in
+float64 over the real (loss-masked) tokens. Padding content never changes a score."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_prune.config import ParallelConfig
+from tests.helpers import random_full_state, tiny_config
+
+SEED = 11
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from megatron_prune.runtime import init_runtime
+
+    return init_runtime(ParallelConfig(tp=1, pp=1))
+
+
+def _model(groups, **cfg_kwargs):
+    from megatron_prune.models.build import build_model
+    from megatron_prune.models.shard import load_full_state
+
+    cfg = tiny_config(**cfg_kwargs)
+    model = build_model(cfg, groups)
+    load_full_state(model, random_full_state(cfg, seed=SEED).__getitem__, groups)
+    return cfg, model
+
+
+@pytest.fixture(scope="module")
+def llama(runtime):
+    return (*_model(runtime), runtime)
+
+
+def _windows(seed: int = 0, pad_id: int = 0):
+    from megatron_prune.data.loaders import windows_from_documents
+
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(3, 256, size=n) for n in (40, 17, 5, 33, 2, 60, 16)]
+    return windows_from_documents(docs, seq_length=16, pad_id=pad_id)
+
+
+def _raw_activations(model, tokens: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """Full activations of a plain forward: linear_proj / fc2 inputs and norm outputs, [s, b, ...]."""
+    saved: dict[str, list[torch.Tensor]] = {"proj": [], "fc2": [], "norms": []}
+    handles = []
+    for layer in model.decoder.layers:
+        handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(
+            lambda m, a: saved["proj"].append(a[0].detach().clone())))
+        handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(
+            lambda m, a: saved["fc2"].append(a[0].detach().clone())))
+        for norm in (layer.input_layernorm, layer.pre_mlp_layernorm):
+            handles.append(norm.register_forward_hook(
+                lambda m, a, o: saved["norms"].append(o.detach().clone())))
+    handles.append(model.decoder.final_layernorm.register_forward_hook(
+        lambda m, a, o: saved["norms"].append(o.detach().clone())))
+    b, s = tokens.shape
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(tokens, torch.arange(s).unsqueeze(0).expand(b, s), None)
+    finally:
+        for h in handles:
+            h.remove()
+    return saved
+
+
+def _direct_scores(cfg, model, windows, aggregation: str) -> dict[str, torch.Tensor]:
+    acts = _raw_activations(model, windows.tokens)
+    keep = windows.loss_mask.t().reshape(-1) != 0  # [s*b], megatron's token order
+    T = int(keep.sum())
+
+    def tokens_of(x: torch.Tensor) -> torch.Tensor:
+        return x.double().reshape(-1, x.shape[-1])[keep]  # [T, C]
+
+    def agg(v: torch.Tensor) -> torch.Tensor:  # v: [T, C] of nonnegative magnitudes
+        if aggregation == "l2":
+            return v.pow(2).sum(0).sqrt()
+        if aggregation == "mean":
+            return v.sum(0) / T
+        return v.max(0).values
+
+    H, hn = cfg.num_attention_heads, cfg.kv_channels
+    heads = torch.stack([agg(tokens_of(x).reshape(T, H, hn).norm(dim=-1)) for x in acts["proj"]])  # [L, H]
+    neurons = torch.stack([agg(tokens_of(x).abs()) for x in acts["fc2"]])  # [L, F]
+    assert len(acts["norms"]) == 2 * cfg.num_layers + 1
+    hidden = torch.stack([agg(tokens_of(x).abs()) for x in acts["norms"]]).sum(0)  # [Hd]
+    G = cfg.num_query_groups
+    groups = heads.reshape(cfg.num_layers, G, H // G).sum(-1)
+    return {"heads": heads, "neurons": neurons, "hidden": hidden, "query_groups": groups, "T": T}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.parametrize("aggregation", ["l2", "mean", "max"])
+def test_width_scores_equal_direct_computation_from_full_activations(llama, aggregation):
+    from megatron_prune.importance import estimate_width_importance
+
+    cfg, model, groups = llama
+    windows = _windows()
+    assert (windows.loss_mask == 0).any(), "the fixture must contain padded positions"
+    # 3 rows per micro-batch: the last micro-batch carries filler rows
+    scores = estimate_width_importance(model, groups, windows, micro_batch_size=3, aggregation=aggregation,
+                                       microbatches_per_call=2)
+    ref = _direct_scores(cfg, model, windows, aggregation)
+    L, H, F, G = cfg.num_layers, cfg.num_attention_heads, cfg.ffn_hidden_size, cfg.num_query_groups
+    assert scores.heads.shape == (L, H) and scores.neurons.shape == (L, F)
+    assert scores.query_groups.shape == (L, G) and scores.hidden.shape == (cfg.hidden_size,)
+    assert scores.num_tokens == ref["T"] == windows.num_targets and scores.aggregation == aggregation
+    for name in ("heads", "neurons", "hidden", "query_groups"):
+        assert _rel(getattr(scores, name), ref[name]) <= 1e-5, (name, _rel(getattr(scores, name), ref[name]))
+    # the hooks are gone afterwards
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_gpt2_family_scores_equal_direct_computation(runtime):
+    from megatron_prune.importance import estimate_width_importance
+
+    cfg, model = _model(runtime, family="gpt2", num_query_groups=4, ffn_hidden_size=256,
+                        add_bias_linear=True, add_qkv_bias=True)
+    windows = _windows(3)
+    scores = estimate_width_importance(model, runtime, windows, micro_batch_size=4)
+    ref = _direct_scores(cfg, model, windows, "l2")
+    for name in ("heads", "neurons", "hidden", "query_groups"):
+        assert _rel(getattr(scores, name), ref[name]) <= 1e-5, name
+
+
+def test_padding_content_pad_id_and_filler_rows_do_not_change_scores(llama):
+    from megatron_prune.data.loaders import TokenWindows
+    from megatron_prune.importance import estimate_width_importance
+
+    cfg, model, groups = llama
+    clean = _windows(1, pad_id=0)
+    noisy = _windows(1, pad_id=7).padded_to(len(clean) + 3)
+    pad = noisy.loss_mask == 0
+    garbage = torch.randint(0, 256, noisy.tokens.shape, generator=torch.Generator().manual_seed(9))
+    noisy = TokenWindows(torch.where(pad, garbage, noisy.tokens), noisy.labels, noisy.loss_mask,
+                         noisy.document_ids, noisy.sample_ids, pad_id=7)
+    for aggregation in ("l2", "max"):
+        base = estimate_width_importance(model, groups, clean, micro_batch_size=4, aggregation=aggregation)
+        other = estimate_width_importance(model, groups, noisy, micro_batch_size=3, aggregation=aggregation)
+        assert other.num_tokens == base.num_tokens
+        for name in ("heads", "neurons", "hidden"):
+            assert _rel(getattr(other, name), getattr(base, name)) <= 1e-6, (aggregation, name)
+    # ...while the same garbage does change the scores once it counts: the check can fail
+    counted = TokenWindows(noisy.tokens, noisy.labels, torch.ones_like(noisy.loss_mask), noisy.document_ids,
+                           noisy.sample_ids, pad_id=7)
+    moved = estimate_width_importance(model, groups, counted, micro_batch_size=3)
+    assert _rel(moved.neurons, base.neurons) > 1e-3
+
+
+def test_record_activations_needs_the_micro_batch_mask(llama):
+    from megatron_prune.importance import TokenMask, record_activations
+
+    cfg, model, _ = llama
+    tokens = torch.randint(0, 256, (2, 8))
+    with pytest.raises(RuntimeError, match="before="):
+        with record_activations(model, TokenMask()):
+            with torch.no_grad():
+                model(tokens, torch.arange(8).expand(2, 8), None)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_rejects_empty_windows_and_unknown_aggregation(llama):
+    from megatron_prune.config import ConfigError
+    from megatron_prune.data.loaders import windows_from_documents
+    from megatron_prune.importance import estimate_width_importance
+
+    _, model, groups = llama
+    with pytest.raises(ConfigError, match="no tokens"):
+        estimate_width_importance(model, groups, windows_from_documents([np.array([5])], seq_length=8), 2)
+    with pytest.raises(ValueError, match="l2, mean, max"):
+        estimate_width_importance(model, groups, _windows(), 2, aggregation="median")
