@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -54,18 +55,38 @@ class OfflineRun:
         return {k for row in self.history for k in row}
 
 
-def read_run(run_file: str) -> OfflineRun:
+def _complete(buf: bytes) -> bool:
     from wandb.proto import wandb_internal_pb2 as pb
 
+    for raw in _raw_records(buf):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        if rec.WhichOneof("record_type") == "exit":
+            return True
+    return False
+
+
+def read_run(run_file: str, wait_s: float = 60.0) -> OfflineRun:
+    """Parse a finished run. `wandb.finish()` can return before W&B's service process has flushed
+    the file (seen on a loaded machine), so wait for the run's final `exit` record."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        with open(run_file, "rb") as f:
+            buf = f.read()
+        if _complete(buf) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     run = OfflineRun()
-    with open(run_file, "rb") as f:
-        buf = f.read()
     for raw in _raw_records(buf):
         rec = pb.Record()
         rec.ParseFromString(raw)
         kind = rec.WhichOneof("record_type")
         if kind == "run":
-            run.group, run.job_type = rec.run.run_group, rec.run.job_type
+            # a run may be recorded more than once (updates); keep what any record says
+            run.group = run.group or rec.run.run_group
+            run.job_type = run.job_type or rec.run.job_type
             for item in rec.run.config.update:
                 run.config[item.key] = json.loads(item.value_json)
         elif kind == "config":

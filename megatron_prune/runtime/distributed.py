@@ -8,6 +8,7 @@ first node of SLURM_JOB_NODELIST at a port derived from the job id. A plain
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import re
 import socket
@@ -137,11 +138,16 @@ def init_runtime(pc: ParallelConfig):
 
     cpu.activate()
     init_distributed(pc.backend)
+    current = None
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=pc.tp, pipeline_model_parallel_size=pc.pp,
-        create_gloo_process_groups=False)
+        current = (parallel_state.get_tensor_model_parallel_world_size(),
+                   parallel_state.get_pipeline_model_parallel_world_size())
+    if current != (pc.tp, pc.pp):
+        if current is not None:
+            release_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=pc.tp, pipeline_model_parallel_size=pc.pp,
+            create_gloo_process_groups=False)
     groups = Groups.from_megatron()
     torch.manual_seed(pc.seed)
     if cpu.is_active():
@@ -151,10 +157,44 @@ def init_runtime(pc: ParallelConfig):
     return groups
 
 
+def _megatron_groups(parallel_state) -> list:
+    found: dict[int, dist.ProcessGroup] = {}
+
+    def visit(value) -> None:
+        if isinstance(value, dist.ProcessGroup):
+            found[id(value)] = value
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    for name, value in vars(parallel_state).items():
+        if name.startswith("_") and "GROUP" in name:
+            visit(value)
+    world = dist.group.WORLD
+    return [g for g in found.values() if g is not world]
+
+
+def release_model_parallel() -> None:
+    """Forget megatron's groups AND destroy them. megatron's `destroy_model_parallel` only drops its
+    references; each gloo group keeps its TCP threads, so a long-lived process that changes layout
+    (a test worker, a job that prunes then re-shards) would pile up threads that poll the CPU."""
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is None or not parallel_state.model_parallel_is_initialized():
+        return
+    groups = _megatron_groups(parallel_state)
+    parallel_state.destroy_model_parallel()
+    for group in groups:
+        dist.destroy_process_group(group)
+    del groups
+    # modules built for the old layout keep their groups alive through reference cycles
+    gc.collect()
+
+
 def shutdown() -> None:
     # Not imported means never initialised: a run refused before start-up skips megatron's import.
-    parallel_state = sys.modules.get("megatron.core.parallel_state")
-    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    release_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
