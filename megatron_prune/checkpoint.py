@@ -104,13 +104,16 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def tree_sha256(path: str | os.PathLike) -> str:
-    """Hash of a directory's files (names and contents), for provenance of inputs."""
+def tree_sha256(path: str | os.PathLike, suffixes: Optional[tuple[str, ...]] = None) -> str:
+    """Hash of a file, or of a directory's files (names and contents; only `suffixes` if given),
+    for provenance of inputs."""
     root = Path(path)
     if root.is_file():
         return file_sha256(root)
     h = hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        if suffixes is not None and f.suffix not in suffixes:
+            continue
         h.update(str(f.relative_to(root)).encode())
         h.update(file_sha256(f).encode())
     return h.hexdigest()

@@ -18,24 +18,9 @@ def _body(cfg, groups, logger):
 
 
 def _check(cfg, pcfg) -> None:
-    """What convert can refuse before it starts: the source, the output, the layout vs the model."""
-    from pathlib import Path
+    from megatron_prune.convert.stages import check_convert_inputs
 
-    from megatron_prune import checkpoint
-    from megatron_prune.config import ConfigError
-    from megatron_prune.convert.hf_io import validate_hf_dir
-    from megatron_prune.models.build import check_divisibility
-
-    src = Path(cfg.source)
-    if not src.exists():
-        raise ConfigError(f"source={src} does not exist; pass an HF safetensors directory or a "
-                          f".gguf file (the embedded default: `megatron-prune assets`)")
-    if src.is_file() and src.suffix != ".gguf":
-        raise ConfigError(f"source={src} is neither a HF checkpoint directory nor a .gguf file")
-    checkpoint.check_output_dir(cfg.output, cfg.overwrite, "output")
-    checkpoint.check_not_overlapping(cfg.output, "output", source=cfg.source)
-    if src.is_dir():  # config.json + tensor headers; a .gguf's config is known once it is dequantised
-        check_divisibility(validate_hf_dir(src), pcfg.tp, pcfg.pp)
+    check_convert_inputs(cfg.source, cfg.output, cfg.overwrite, pcfg.tp, pcfg.pp)
 
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONF, config_name="convert")

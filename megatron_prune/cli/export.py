@@ -13,14 +13,9 @@ def _body(cfg, groups, logger):
 
 
 def _check(cfg, pcfg) -> None:
-    """What export can refuse before it starts: the checkpoint, the output, the layout vs the model."""
-    from megatron_prune import checkpoint
-    from megatron_prune.models.build import check_divisibility
+    from megatron_prune.convert.stages import check_export_inputs
 
-    ckpt = checkpoint.validate_checkpoint(cfg.checkpoint)
-    checkpoint.check_output_dir(cfg.output, cfg.overwrite, "output")
-    checkpoint.check_not_overlapping(cfg.output, "output", checkpoint=cfg.checkpoint)
-    check_divisibility(checkpoint.read_model_config(ckpt), pcfg.tp, pcfg.pp)
+    check_export_inputs(cfg.checkpoint, cfg.output, cfg.overwrite, pcfg.tp, pcfg.pp)
 
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONF, config_name="export")
