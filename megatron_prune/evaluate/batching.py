@@ -49,7 +49,8 @@ def trimmed_batches(chunk: list[TokenWindows]) -> list[Batch]:
     used = [int(mb.loss_mask.nonzero()[:, 1].max()) + 1 if mb.num_targets else 0 for mb in chunk]
     width = max(1, *used)  # an all-filler call still runs (the pipeline's ranks stay in step)
     return [Batch(tokens=mb.tokens[:, :width].contiguous(), labels=mb.labels[:, :width].contiguous(),
-                  loss_mask=mb.loss_mask[:, :width].contiguous()) for mb in chunk]
+                  loss_mask=mb.loss_mask[:, :width].contiguous(), sample_ids=mb.sample_ids)
+            for mb in chunk]
 
 
 def local_row_sums(model: torch.nn.Module, groups: Groups, windows: TokenWindows, micro_batch_size: int, *,
@@ -63,7 +64,7 @@ def local_row_sums(model: torch.nn.Module, groups: Groups, windows: TokenWindows
     if microbatches_per_call < 1:
         raise ConfigError(f"microbatches_per_call={microbatches_per_call} must be >= 1")
     total = num_microbatches(len(windows), micro_batch_size, groups.dp_size)
-    bar = _progress_bar(total, desc, enabled=show_progress and groups.is_rank0)
+    bar = progress_bar(total, desc, enabled=show_progress and groups.is_rank0)
     ids, sums = [], []
     chunk: list[TokenWindows] = []
     try:
@@ -86,7 +87,7 @@ def local_row_sums(model: torch.nn.Module, groups: Groups, windows: TokenWindows
     return torch.cat(ids), torch.cat(sums)
 
 
-def _progress_bar(total: int, desc: str, enabled: bool) -> Optional["tqdm"]:  # noqa: F821
+def progress_bar(total: int, desc: str, enabled: bool) -> Optional["tqdm"]:  # noqa: F821
     if not enabled:
         return None
     from tqdm import tqdm

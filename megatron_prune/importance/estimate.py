@@ -4,25 +4,57 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from megatron_prune.config import ConfigError
 from megatron_prune.data.loaders import TokenWindows, iter_microbatches, num_microbatches
-from megatron_prune.importance.hooks import TokenMask, record_activations
-from megatron_prune.importance.reduce import CommCounter, WidthStats, reduce_width_stats
-from megatron_prune.importance.width import WidthScores, check_aggregation, width_scores
+from megatron_prune.importance.hooks import ACTIVATIONS, LocalStats, TokenMask, record_activations
+from megatron_prune.importance.reduce import CalibrationStats, CommCounter, reduce_calibration_stats
+from megatron_prune.importance.width import (DEFAULT_BATCH, DEFAULT_SEQUENCE, WidthScores,
+                                             check_aggregation, width_scores)
 from megatron_prune.parallel import Groups
+
+
+class NonFiniteActivation(RuntimeError):
+    """A real token's activation was NaN or Inf during calibration."""
 
 
 def _nothing(output: torch.Tensor, batch) -> torch.Tensor:
     return torch.zeros(batch.shape[0], 1)  # [b, 1]: the last stage returns nothing that matters
 
 
-def collect_width_stats(model: torch.nn.Module, groups: Groups, windows: TokenWindows,
-                        micro_batch_size: int, *, microbatches_per_call: int = 4,
-                        comm: Optional[CommCounter] = None) -> WidthStats:
+def _raise_if_nonfinite(local: LocalStats, num_layers: int) -> None:
+    """Agree over every rank on the first non-finite activation (in forward order), then raise on
+    all ranks. Called by every rank after the pass, so no rank is left waiting in a collective."""
+    none = float((num_layers + 1) * len(ACTIVATIONS))
+    found = local.nonfinite
+    # MIN over ranks picks the earliest activation; the sample travels in a second MAX reduction
+    order = torch.tensor([float(found.order) if found else none], dtype=torch.float64)
+    world = dist.is_initialized() and dist.get_world_size() > 1
+    if world:
+        dist.all_reduce(order, op=dist.ReduceOp.MIN, group=dist.group.WORLD)
+    first = int(order[0])
+    if first >= none:
+        return
+    mine = found is not None and found.order == first
+    sample = torch.tensor([float(found.sample) if mine else -2.0], dtype=torch.float64)
+    if world:
+        dist.all_reduce(sample, op=dist.ReduceOp.MAX, group=dist.group.WORLD)
+    layer, where = divmod(first, len(ACTIVATIONS))
+    name = "after the last layer" if layer == num_layers else f"in layer {layer}"
+    raise NonFiniteActivation(
+        f"importance: non-finite (NaN/Inf) activation {name} ({ACTIVATIONS[where]}) of calibration "
+        f"sample {int(sample[0])}. Fix: check the checkpoint's weights (evaluate it) and that "
+        "sample's tokens; a bf16 model may need fp32 for scoring.")
+
+
+def collect_calibration_stats(model: torch.nn.Module, groups: Groups, windows: TokenWindows,
+                              micro_batch_size: int, *, microbatches_per_call: int = 4,
+                              comm: Optional[CommCounter] = None, show_progress: bool = False,
+                              backend: str = "auto") -> CalibrationStats:
     """Forward-only over this DP rank's share of `windows` (the same windows on every rank), hooks
     on; returns the reduced global statistics, the same on every rank."""
-    from megatron_prune.evaluate.batching import check_token_ids, trimmed_batches
+    from megatron_prune.evaluate.batching import progress_bar, check_token_ids, trimmed_batches
     from megatron_prune.models.forward import run_forward
 
     if microbatches_per_call < 1:
@@ -33,19 +65,28 @@ def collect_width_stats(model: torch.nn.Module, groups: Groups, windows: TokenWi
     check_token_ids(windows.tokens, model, "importance windows")
     total = num_microbatches(len(windows), micro_batch_size, groups.dp_size)
     token_mask = TokenMask()
+    bar = progress_bar(total, "importance", enabled=show_progress and groups.is_rank0)
     chunk = []
-    with record_activations(model, token_mask) as local:
-        for i, mb in enumerate(iter_microbatches(windows, micro_batch_size, dp_rank=groups.dp_rank,
-                                                 dp_size=groups.dp_size)):
-            chunk.append(mb)
-            if len(chunk) == microbatches_per_call or i == total - 1:
-                run_forward(model, groups, trimmed_batches(chunk), _nothing, width=1,
-                            with_labels=False, before=token_mask.set)
-                chunk = []
+    try:
+        with record_activations(model, token_mask, backend=backend) as local:
+            for i, mb in enumerate(iter_microbatches(windows, micro_batch_size, dp_rank=groups.dp_rank,
+                                                     dp_size=groups.dp_size)):
+                chunk.append(mb)
+                if len(chunk) == microbatches_per_call or i == total - 1:
+                    run_forward(model, groups, trimmed_batches(chunk), _nothing, width=1,
+                                with_labels=False, before=token_mask.set)
+                    if bar is not None:
+                        bar.update(len(chunk))
+                    chunk = []
+    finally:
+        if bar is not None:
+            bar.close()
     c = model.config
-    stats = reduce_width_stats(local, token_mask.num_tokens, groups, num_layers=int(c.num_layers),
-                               num_heads=int(c.num_attention_heads), ffn_hidden_size=int(c.ffn_hidden_size),
-                               hidden_size=int(c.hidden_size), comm=comm)
+    _raise_if_nonfinite(local, int(c.num_layers))
+    stats = reduce_calibration_stats(
+        local, token_mask.num_tokens, token_mask.num_samples, groups, num_layers=int(c.num_layers),
+        num_heads=int(c.num_attention_heads), ffn_hidden_size=int(c.ffn_hidden_size),
+        hidden_size=int(c.hidden_size), comm=comm)
     expected = int(windows.loss_mask.ne(0).sum())
     if stats.num_tokens != expected:
         raise RuntimeError(f"importance counted {stats.num_tokens} tokens, expected {expected} "
@@ -54,11 +95,11 @@ def collect_width_stats(model: torch.nn.Module, groups: Groups, windows: TokenWi
 
 
 def estimate_width_importance(model: torch.nn.Module, groups: Groups, windows: TokenWindows,
-                              micro_batch_size: int, aggregation: str = "l2", *,
-                              microbatches_per_call: int = 4,
+                              micro_batch_size: int, sequence: str = DEFAULT_SEQUENCE,
+                              batch: str = DEFAULT_BATCH, *, microbatches_per_call: int = 4,
                               comm: Optional[CommCounter] = None) -> WidthScores:
     """Head, query-group, neuron and hidden-channel scores in global index space (see width.py)."""
-    check_aggregation(aggregation)
-    stats = collect_width_stats(model, groups, windows, micro_batch_size,
-                                microbatches_per_call=microbatches_per_call, comm=comm)
-    return width_scores(stats, int(model.config.num_query_groups), aggregation)
+    check_aggregation(sequence, batch)
+    stats = collect_calibration_stats(model, groups, windows, micro_batch_size,
+                                      microbatches_per_call=microbatches_per_call, comm=comm)
+    return width_scores(stats, int(model.config.num_query_groups), sequence, batch)

@@ -1,16 +1,26 @@
 """Forward hooks that turn a sharded GPTModel's activations into small per-unit statistics.
 
 For every local transformer layer (global index `layer.layer_number - 1`):
-  - `self_attention.linear_proj` input, the attention output [s, b, np_local * hn]: per-head
-    statistics of the token-wise l2 norm of each head's hn-vector (`head_stats`);
-  - `mlp.linear_fc2` input, the FFN intermediate [s, b, F_local]: per-neuron `channel_stats`;
-  - `input_layernorm` and `pre_mlp_layernorm` outputs [s, b, hidden]: per-channel `channel_stats`;
+  - `self_attention.linear_proj` input, the attention output [s, b, np_local * hn]: per head, the
+    token-wise l2 norm of the head's hn-vector (`head_stats`);
+  - `mlp.linear_fc2` input, the FFN intermediate [s, b, F_local]: per neuron |x| (`channel_stats`);
+  - `input_layernorm` and `pre_mlp_layernorm` outputs [s, b, hidden]: per channel |x|;
+  - the layer's own input and output hidden states [s, b, hidden]: 1 - cos(input, output) per token,
+    for Block Importance (ShortGPT / Minitron's depth metric);
 and `decoder.final_layernorm` on the last stage. Heads and neurons are this TP rank's shard (local
 index space); `reduce.py` puts them in global order. Hooks are registered on entry and removed on
 exit; no module's forward is replaced.
 
-Padding never counts: `TokenMask` holds the current micro-batch's loss mask, set by `run_forward`'s
+Two-level aggregation (Minitron sec. 2.2): for every calibration sample (a row of the micro-batch)
+each unit's activations are first aggregated over that sample's real tokens — l2 = sqrt(sum x²),
+mean = sum|x| / n, max = max|x| — and `SampleSums` then keeps, per unit, the sum over samples of
+each of those three numbers and of their squares, enough for a `mean` or an `l2` across samples.
+Padding never counts: `TokenMask` holds the current micro-batch's mask, set by `run_forward`'s
 `before(batch)` callback on every pipeline stage just before that micro-batch's forward.
+
+A NaN or Inf in a real token's activation is recorded (first layer and sample seen), not raised
+inside the hook: raising on one pipeline stage would leave the others waiting in a collective.
+`estimate.py` agrees on it across ranks after the pass and raises everywhere.
 """
 from __future__ import annotations
 
@@ -20,23 +30,34 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from megatron_prune.kernels.activation_stats import ChannelStats, HeadStats, channel_stats, head_stats
+from megatron_prune.kernels.activation_stats import channel_stats, head_stats
 from megatron_prune.models.forward import Batch
 
 # masks_provider() -> [s, b] token mask of the micro-batch being run (nonzero = count the token)
 MasksProvider = Callable[[], torch.Tensor]
 
+SEQUENCE_AGGREGATIONS = ("l2", "mean", "max")  # within a sample, over its tokens (row order of SampleSums)
+# the activations the hooks read, in a layer's forward order (a NaN is reported at the first one)
+ACTIVATIONS = ("input_layernorm output", "attention output (linear_proj input)",
+               "pre_mlp_layernorm output", "MLP intermediate (linear_fc2 input)", "final layernorm output")
+
 
 class TokenMask:
-    """The current micro-batch's token mask, in megatron's [s, b] order; also counts kept tokens."""
+    """The current micro-batch's token mask in megatron's [s, b] order, the rows' sample ids, and
+    counts of kept tokens and of samples (rows with at least one kept token)."""
 
     def __init__(self) -> None:
         self.mask: Optional[torch.Tensor] = None
+        self.sample_ids: Optional[torch.Tensor] = None
         self.num_tokens = 0
+        self.num_samples = 0
 
     def set(self, batch: Batch) -> None:  # run_forward's `before` callback
         self.mask = batch.loss_mask.t()  # [b, s] -> [s, b]
+        b = batch.shape[0]
+        self.sample_ids = batch.sample_ids if batch.sample_ids is not None else torch.full((b,), -1)
         self.num_tokens += int((batch.loss_mask != 0).sum())
+        self.num_samples += int((batch.loss_mask != 0).any(dim=1).sum())
 
     def __call__(self) -> torch.Tensor:
         if self.mask is None:
@@ -46,24 +67,49 @@ class TokenMask:
 
 
 @dataclass
+class SampleSums:
+    """Per unit, over samples s: rows 0-2 = sum_s a_s, rows 3-5 = sum_s a_s², where a_s is the
+    sample's (l2, mean, max) sequence aggregate. float64 [6, n]."""
+    sums: torch.Tensor
+
+    @classmethod
+    def zeros(cls, n: int) -> "SampleSums":
+        return cls(torch.zeros(6, n, dtype=torch.float64))
+
+    def add(self, per_sample: torch.Tensor) -> None:  # per_sample: [3, n] one sample's aggregates
+        a = per_sample.to(torch.float64).cpu()
+        self.sums[:3] += a
+        self.sums[3:] += a * a
+
+
+@dataclass
 class LayerStats:
-    heads: Optional[HeadStats] = None  # [np_local] local heads
-    neurons: Optional[ChannelStats] = None  # [F_local] local FFN neurons
-    pre_attn: Optional[ChannelStats] = None  # [hidden] input_layernorm output
-    pre_mlp: Optional[ChannelStats] = None  # [hidden] pre_mlp_layernorm output
+    heads: Optional[SampleSums] = None  # [6, np_local] local heads
+    neurons: Optional[SampleSums] = None  # [6, F_local] local FFN neurons
+    pre_attn: Optional[SampleSums] = None  # [6, hidden] input_layernorm output
+    pre_mlp: Optional[SampleSums] = None  # [6, hidden] pre_mlp_layernorm output
+    bi_sum: float = 0.0  # sum over kept tokens of 1 - cos(layer input, layer output)
+
+
+@dataclass
+class NonFinite:
+    layer: int  # global layer index (num_layers for the final layernorm)
+    where: int  # index into ACTIVATIONS
+    sample: int  # sample id of the row (-1 if unknown)
+
+    @property
+    def order(self) -> int:  # forward order over the whole model
+        return self.layer * len(ACTIVATIONS) + self.where
 
 
 @dataclass
 class LocalStats:
     """What this rank's hooks saw, in local (TP-shard) index space, keyed by global layer index."""
     layers: dict[int, LayerStats] = field(default_factory=dict)
-    final_norm: Optional[ChannelStats] = None  # last stage only
+    final_norm: Optional[SampleSums] = None  # last stage only
     num_heads_local: int = 0
     head_dim: int = 0
-
-
-def _add(current, new):
-    return new if current is None else current.accumulate(new)
+    nonfinite: Optional[NonFinite] = None  # the first non-finite activation (lowest layer)
 
 
 def _check_hookable(module: torch.nn.Module, what: str) -> None:
@@ -75,11 +121,22 @@ def _check_hookable(module: torch.nn.Module, what: str) -> None:
             "spec fuses the norm into the next linear layer); build the model with the local spec")
 
 
+def _first_input(args, kwargs) -> torch.Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def _hidden_of(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
 @contextlib.contextmanager
-def record_activations(model: torch.nn.Module, masks_provider: MasksProvider,
+def record_activations(model: torch.nn.Module, token_mask: TokenMask,
                        backend: str = "auto") -> Iterator[LocalStats]:
     """Register the statistics hooks on this rank's layers; yields the `LocalStats` they fill."""
     config = model.config
+    if getattr(config, "sequence_parallel", False):
+        raise NotImplementedError("record_activations: sequence_parallel splits the hidden states "
+                                  "over the TP ranks; score with sequence_parallel=false")
     tp = int(config.tensor_model_parallel_size)
     np_local = int(config.num_attention_heads) // tp
     hn = int(config.kv_channels)
@@ -87,14 +144,36 @@ def record_activations(model: torch.nn.Module, masks_provider: MasksProvider,
     handles = []
 
     def mask_for(x: torch.Tensor) -> torch.Tensor:
-        mask = masks_provider()  # [s, b]
+        mask = token_mask()  # [s, b]
         if tuple(mask.shape) != tuple(x.shape[:2]):
             raise RuntimeError(f"token mask {tuple(mask.shape)} does not match activation "
                                f"{tuple(x.shape)} (expected megatron's [s, b, ...] layout)")
         return mask
 
-    def first_input(args, kwargs) -> torch.Tensor:
-        return args[0] if args else next(iter(kwargs.values()))
+    def note_nonfinite(layer: int, where: int, row: int) -> None:
+        sample = int(token_mask.sample_ids[row]) if token_mask.sample_ids is not None else -1
+        new = NonFinite(layer, where, sample)
+        if stats.nonfinite is None or new.order < stats.nonfinite.order:
+            stats.nonfinite = new
+
+    def per_sample(x: torch.Tensor, heads: bool, layer: int, where: int, current: Optional[SampleSums]):
+        """Aggregate each row of x [s, b, n] (or [s, b, np, hn] for heads) over its kept tokens."""
+        mask = mask_for(x)  # [s, b]
+        out = current if current is not None else SampleSums.zeros(x.shape[2])
+        for row in range(x.shape[1]):
+            keep = mask[:, row]  # [s]
+            if not bool(keep.any()):
+                continue  # a filler row or an all-padding sample: no sample at all
+            if heads:
+                st = head_stats(x[:, row], keep, backend=backend)
+                a = torch.stack([st.sum_sq_norm.sqrt(), st.sum_norm / st.count, st.max_norm])  # [3, np]
+            else:
+                st = channel_stats(x[:, row], keep, backend=backend)
+                a = torch.stack([st.sum_sq.sqrt(), st.sum_abs / st.count, st.max_abs])  # [3, n]
+            if not bool(torch.isfinite(a).all()):
+                note_nonfinite(layer, where, row)
+            out.add(a)
+        return out
 
     for layer in model.decoder.layers:
         index = int(layer.layer_number) - 1
@@ -102,34 +181,42 @@ def record_activations(model: torch.nn.Module, masks_provider: MasksProvider,
         _check_hookable(layer.input_layernorm, "input_layernorm")
         _check_hookable(layer.pre_mlp_layernorm, "pre_mlp_layernorm")
 
-        def on_proj(module, args, kwargs, entry=entry):
-            x = first_input(args, kwargs)  # [s, b, np_local * hn]
-            s, b = x.shape[0], x.shape[1]
-            heads = x.reshape(s * b, np_local, hn)  # [s*b, np_local, hn]
-            entry.heads = _add(entry.heads, head_stats(heads, mask_for(x).reshape(-1), backend=backend))
+        def on_proj(module, args, kwargs, entry=entry, index=index):
+            x = _first_input(args, kwargs)  # [s, b, np_local * hn]
+            x = x.reshape(x.shape[0], x.shape[1], np_local, hn)  # [s, b, np_local, hn]
+            entry.heads = per_sample(x, True, index, 1, entry.heads)
 
-        def on_fc2(module, args, kwargs, entry=entry):
-            x = first_input(args, kwargs)  # [s, b, F_local]
-            entry.neurons = _add(entry.neurons, channel_stats(x, mask_for(x), backend=backend))
+        def on_fc2(module, args, kwargs, entry=entry, index=index):
+            x = _first_input(args, kwargs)  # [s, b, F_local]
+            entry.neurons = per_sample(x, False, index, 3, entry.neurons)
 
-        def on_norm(name):
-            def hook(module, args, output, entry=entry):
-                x = output[0] if isinstance(output, tuple) else output  # [s, b, hidden]
-                new = channel_stats(x, mask_for(x), backend=backend)
-                setattr(entry, name, _add(getattr(entry, name), new))
+        def on_norm(name: str, where: int, index=index, entry=entry):
+            def hook(module, args, output):
+                x = _hidden_of(output)  # [s, b, hidden]
+                setattr(entry, name, per_sample(x, False, index, where, getattr(entry, name)))
             return hook
+
+        def on_layer(module, args, kwargs, output, entry=entry, index=index):
+            x_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [s, b, h]
+            x_out = _hidden_of(output)  # [s, b, h]
+            keep = mask_for(x_out) != 0  # [s, b]
+            cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # [s, b]
+            entry.bi_sum += float((1.0 - cos.double())[keep].sum())
 
         proj = layer.self_attention.linear_proj
         handles.append(proj.register_forward_pre_hook(on_proj, with_kwargs=True))
         handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(on_fc2, with_kwargs=True))
-        handles.append(layer.input_layernorm.register_forward_hook(on_norm("pre_attn")))
-        handles.append(layer.pre_mlp_layernorm.register_forward_hook(on_norm("pre_mlp")))
+        handles.append(layer.input_layernorm.register_forward_hook(on_norm("pre_attn", 0)))
+        handles.append(layer.pre_mlp_layernorm.register_forward_hook(on_norm("pre_mlp", 2)))
+        handles.append(layer.register_forward_hook(on_layer, with_kwargs=True))
 
     final = getattr(model.decoder, "final_layernorm", None)
     if final is not None:
+        num_layers = int(config.num_layers)
+
         def on_final(module, args, output):
-            x = output[0] if isinstance(output, tuple) else output  # [s, b, hidden]
-            stats.final_norm = _add(stats.final_norm, channel_stats(x, mask_for(x), backend=backend))
+            x = _hidden_of(output)  # [s, b, hidden]
+            stats.final_norm = per_sample(x, False, num_layers, 4, stats.final_norm)
 
         handles.append(final.register_forward_hook(on_final))
     try:

@@ -1,18 +1,19 @@
 """Width importance scores (Minitron, arXiv:2407.14679 sec. 2) from reduced statistics. Pure functions.
 
-Every score aggregates an activation statistic over all kept (non-padding) tokens t of the
-calibration set, in GLOBAL index space:
+Every unit's activation per token, in GLOBAL index space:
 
-  unit            activation per token                         l2               mean             max
-  head h          n[t,h] = ||attn_out[t, h, :]||_2 (linear_proj  sqrt(sum_t n^2)  sum_t n / T      max_t n
-                  input, before the output projection)
-  FFN neuron i    x[t,i] = fc2 input (after the activation/GLU) sqrt(sum_t x^2)  sum_t |x| / T    max_t |x|
-  hidden chan. c  x[t,c] = output of a norm layer               sqrt(sum_t x^2)  sum_t |x| / T    max_t |x|
+  unit            activation v[t] per token
+  head h          ||attn_out[t, h, :]||_2  (linear_proj input, before the output projection)
+  FFN neuron i    |x[t, i]| of the fc2 input (after the activation / GLU)
+  hidden chan. c  |x[t, c]| of the output of a norm layer
 
-(T = number of kept tokens.) The hidden-channel score is the SUM over all 2L+1 norm layers (every
-layer's input_layernorm and pre_mlp_layernorm, and the final layernorm) of that norm's per-channel
-aggregate. A query group's score (GQA) is the sum of the scores of its heads; head h belongs to group
-h // (H / G), megatron's and HF's order.
+is aggregated in two levels: first over the real tokens of each calibration sample s
+(`sequence`: l2 = sqrt(sum_t v²), mean = sum_t v / n_s, max = max_t v) giving a_s, then over the
+S samples (`batch`: l2 = sqrt(sum_s a_s²), mean = sum_s a_s / S). The paper's choice, and our
+default, is mean over the sequence and l2 over the batch. The hidden-channel score is the SUM over
+all 2L+1 norm layers (every layer's input_layernorm and pre_mlp_layernorm, and the final layernorm)
+of that norm's per-channel score. A query group's score (GQA) is the sum of the scores of its
+heads; head h belongs to group h // (H / G), megatron's and HF's order.
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_prune.importance.reduce import WidthStats
+from megatron_prune.importance.hooks import SEQUENCE_AGGREGATIONS
+from megatron_prune.importance.reduce import CalibrationStats
 
-AGGREGATIONS = ("l2", "mean", "max")
+BATCH_AGGREGATIONS = ("l2", "mean")
+DEFAULT_SEQUENCE, DEFAULT_BATCH = "mean", "l2"
 
 
 @dataclass
@@ -32,33 +35,30 @@ class WidthScores:
     neurons: torch.Tensor  # [L, F] float64
     hidden: torch.Tensor  # [Hd] float64
     num_tokens: int
-    aggregation: str
+    num_samples: int
+    sequence: str
+    batch: str
 
     def as_dict(self) -> dict:
         return {"heads": self.heads, "query_groups": self.query_groups, "neurons": self.neurons,
-                "hidden": self.hidden, "num_tokens": self.num_tokens, "aggregation": self.aggregation}
+                "hidden": self.hidden, "num_tokens": self.num_tokens, "num_samples": self.num_samples,
+                "sequence": self.sequence, "batch": self.batch}
 
 
-def check_aggregation(aggregation: str) -> str:
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation={aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
-    return aggregation
+def check_aggregation(sequence: str, batch: str) -> None:
+    if sequence not in SEQUENCE_AGGREGATIONS:
+        raise ValueError(f"sequence aggregation {sequence!r}: choose one of {', '.join(SEQUENCE_AGGREGATIONS)}")
+    if batch not in BATCH_AGGREGATIONS:
+        raise ValueError(f"batch aggregation {batch!r}: choose one of {', '.join(BATCH_AGGREGATIONS)}")
 
 
-def aggregate(stats: torch.Tensor, num_tokens: int, aggregation: str, *, heads: bool) -> torch.Tensor:
-    """[..., 3, n] statistics -> [..., n] scores. Head rows are (sum n, sum n^2, max n); channel rows
-    are (sum x^2, sum |x|, max |x|)."""
-    check_aggregation(aggregation)
-    t = max(int(num_tokens), 1)
-    if heads:
-        total, total_sq, top = stats[..., 0, :], stats[..., 1, :], stats[..., 2, :]
-    else:
-        total_sq, total, top = stats[..., 0, :], stats[..., 1, :], stats[..., 2, :]
-    if aggregation == "l2":
-        return total_sq.clamp_min(0).sqrt()
-    if aggregation == "mean":
-        return total / t
-    return top.clone()
+def aggregate(sums: torch.Tensor, num_samples: int, sequence: str, batch: str) -> torch.Tensor:
+    """[..., 6, n] sample sums (see CalibrationStats) -> [..., n] scores."""
+    check_aggregation(sequence, batch)
+    k = SEQUENCE_AGGREGATIONS.index(sequence)
+    if batch == "mean":
+        return sums[..., k, :] / max(int(num_samples), 1)
+    return sums[..., 3 + k, :].clamp_min(0).sqrt()
 
 
 def query_group_scores(head_scores: torch.Tensor, num_query_groups: int) -> torch.Tensor:
@@ -69,11 +69,14 @@ def query_group_scores(head_scores: torch.Tensor, num_query_groups: int) -> torc
     return head_scores.reshape(L, num_query_groups, H // num_query_groups).sum(-1)
 
 
-def width_scores(stats: WidthStats, num_query_groups: int, aggregation: str = "l2") -> WidthScores:
-    heads = aggregate(stats.heads, stats.num_tokens, aggregation, heads=True)  # [L, H]
+def width_scores(stats: CalibrationStats, num_query_groups: int, sequence: str = DEFAULT_SEQUENCE,
+                 batch: str = DEFAULT_BATCH) -> WidthScores:
+    S = stats.num_samples
+    heads = aggregate(stats.heads, S, sequence, batch)  # [L, H]
     return WidthScores(
         heads=heads,
         query_groups=query_group_scores(heads, num_query_groups),
-        neurons=aggregate(stats.neurons, stats.num_tokens, aggregation, heads=False),  # [L, F]
-        hidden=aggregate(stats.hidden, stats.num_tokens, aggregation, heads=False).sum(0),  # [Hd]
-        num_tokens=int(stats.num_tokens), aggregation=aggregation)
+        neurons=aggregate(stats.neurons, S, sequence, batch),  # [L, F]
+        hidden=aggregate(stats.hidden, S, sequence, batch).sum(0),  # [Hd]
+        num_tokens=int(stats.num_tokens), num_samples=int(S), sequence=sequence, batch=batch)
+

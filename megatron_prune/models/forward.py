@@ -20,6 +20,7 @@ class Batch:
     tokens: torch.Tensor  # [b, s] int64
     labels: torch.Tensor  # [b, s] int64 (tokens shifted by one)
     loss_mask: torch.Tensor  # [b, s] float32; 0 for padding and tokens that must not count
+    sample_ids: Optional[torch.Tensor] = None  # [b] int64 row index in the source set; -1 for filler
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -45,9 +45,15 @@ def _windows(seed: int = 0, pad_id: int = 0):
 
 def _raw_activations(model, tokens: torch.Tensor) -> dict[str, list[torch.Tensor]]:
     """Full activations of a plain forward: linear_proj / fc2 inputs and norm outputs, [s, b, ...]."""
-    saved: dict[str, list[torch.Tensor]] = {"proj": [], "fc2": [], "norms": []}
+    saved: dict[str, list[torch.Tensor]] = {"proj": [], "fc2": [], "norms": [], "layer_in": [],
+                                            "layer_out": []}
     handles = []
     for layer in model.decoder.layers:
+        def on_layer(module, args, kwargs, output):  # returns None: the output stays unchanged
+            saved["layer_in"].append(kwargs["hidden_states"].detach().clone())
+            saved["layer_out"].append(output[0].detach().clone())
+
+        handles.append(layer.register_forward_hook(on_layer, with_kwargs=True))
         handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(
             lambda m, a: saved["proj"].append(a[0].detach().clone())))
         handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(
@@ -68,55 +74,80 @@ def _raw_activations(model, tokens: torch.Tensor) -> dict[str, list[torch.Tensor
     return saved
 
 
-def _direct_scores(cfg, model, windows, aggregation: str) -> dict[str, torch.Tensor]:
+def _direct_scores(cfg, model, windows, sequence: str, batch: str) -> dict[str, torch.Tensor]:
+    """The paper's definition by hand: per sample (row) aggregate over its real tokens, then over
+    the samples; in float64, from activations captured by this test's own hooks."""
     acts = _raw_activations(model, windows.tokens)
-    keep = windows.loss_mask.t().reshape(-1) != 0  # [s*b], megatron's token order
-    T = int(keep.sum())
+    mask = windows.loss_mask.t() != 0  # [s, b], megatron's order
+    rows = [j for j in range(mask.shape[1]) if mask[:, j].any()]
+    T = int(mask.sum())
 
-    def tokens_of(x: torch.Tensor) -> torch.Tensor:
-        return x.double().reshape(-1, x.shape[-1])[keep]  # [T, C]
-
-    def agg(v: torch.Tensor) -> torch.Tensor:  # v: [T, C] of nonnegative magnitudes
-        if aggregation == "l2":
-            return v.pow(2).sum(0).sqrt()
-        if aggregation == "mean":
-            return v.sum(0) / T
-        return v.max(0).values
+    def agg(v: torch.Tensor) -> torch.Tensor:  # v: [s, b, C] nonnegative magnitudes -> [C]
+        per_sample = []
+        for j in rows:
+            x = v[:, j][mask[:, j]].double()  # [n_j, C] the sample's real tokens
+            per_sample.append({"l2": x.pow(2).sum(0).sqrt(), "mean": x.mean(0),
+                               "max": x.max(0).values}[sequence])
+        a = torch.stack(per_sample)  # [S, C]
+        return a.pow(2).sum(0).sqrt() if batch == "l2" else a.mean(0)
 
     H, hn = cfg.num_attention_heads, cfg.kv_channels
-    heads = torch.stack([agg(tokens_of(x).reshape(T, H, hn).norm(dim=-1)) for x in acts["proj"]])  # [L, H]
-    neurons = torch.stack([agg(tokens_of(x).abs()) for x in acts["fc2"]])  # [L, F]
+
+    def head_norms(x: torch.Tensor) -> torch.Tensor:  # [s, b, H*hn] -> [s, b, H]
+        return x.double().reshape(*x.shape[:2], H, hn).norm(dim=-1)
+
+    heads = torch.stack([agg(head_norms(x)) for x in acts["proj"]])  # [L, H]
+    neurons = torch.stack([agg(x.abs()) for x in acts["fc2"]])  # [L, F]
     assert len(acts["norms"]) == 2 * cfg.num_layers + 1
-    hidden = torch.stack([agg(tokens_of(x).abs()) for x in acts["norms"]]).sum(0)  # [Hd]
+    hidden = torch.stack([agg(x.abs()) for x in acts["norms"]]).sum(0)  # [Hd]
     G = cfg.num_query_groups
     groups = heads.reshape(cfg.num_layers, G, H // G).sum(-1)
-    return {"heads": heads, "neurons": neurons, "hidden": hidden, "query_groups": groups, "T": T}
+    bi = torch.stack([(1 - torch.nn.functional.cosine_similarity(i.double(), o.double(), dim=-1))[mask].mean()
+                      for i, o in zip(acts["layer_in"], acts["layer_out"])])  # [L]
+    return {"heads": heads, "neurons": neurons, "hidden": hidden, "query_groups": groups, "T": T,
+            "S": len(rows), "block_importance": bi}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
-@pytest.mark.parametrize("aggregation", ["l2", "mean", "max"])
-def test_width_scores_equal_direct_computation_from_full_activations(llama, aggregation):
-    from megatron_prune.importance import estimate_width_importance
+@pytest.mark.parametrize("sequence,batch", [("mean", "l2"), ("l2", "l2"), ("max", "mean"), ("mean", "mean")])
+def test_scores_equal_direct_computation_from_full_activations(llama, sequence, batch):
+    from megatron_prune.importance import collect_calibration_stats, width_scores
+    from megatron_prune.importance.depth import block_importance
 
     cfg, model, groups = llama
     windows = _windows()
     assert (windows.loss_mask == 0).any(), "the fixture must contain padded positions"
     # 3 rows per micro-batch: the last micro-batch carries filler rows
-    scores = estimate_width_importance(model, groups, windows, micro_batch_size=3, aggregation=aggregation,
-                                       microbatches_per_call=2)
-    ref = _direct_scores(cfg, model, windows, aggregation)
+    stats = collect_calibration_stats(model, groups, windows, micro_batch_size=3, microbatches_per_call=2)
+    scores = width_scores(stats, cfg.num_query_groups, sequence, batch)
+    ref = _direct_scores(cfg, model, windows, sequence, batch)
     L, H, F, G = cfg.num_layers, cfg.num_attention_heads, cfg.ffn_hidden_size, cfg.num_query_groups
     assert scores.heads.shape == (L, H) and scores.neurons.shape == (L, F)
     assert scores.query_groups.shape == (L, G) and scores.hidden.shape == (cfg.hidden_size,)
-    assert scores.num_tokens == ref["T"] == windows.num_targets and scores.aggregation == aggregation
+    assert scores.num_tokens == ref["T"] == windows.num_targets
+    assert scores.num_samples == ref["S"] == len(windows) and (scores.sequence, scores.batch) == (sequence, batch)
     for name in ("heads", "neurons", "hidden", "query_groups"):
         assert _rel(getattr(scores, name), ref[name]) <= 1e-5, (name, _rel(getattr(scores, name), ref[name]))
+    assert _rel(block_importance(stats), ref["block_importance"]) <= 1e-5
     # the hooks are gone afterwards
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_two_levels_differ_from_one_level_over_all_tokens(llama):
+    # mean-over-sequence then l2-over-samples is not the l2 over all tokens: the levels are real
+    from megatron_prune.importance import estimate_width_importance
+
+    cfg, model, groups = llama
+    windows = _windows()
+    two = estimate_width_importance(model, groups, windows, micro_batch_size=4)  # mean, l2
+    acts = _raw_activations(model, windows.tokens)
+    keep = windows.loss_mask.t() != 0
+    flat = torch.stack([x.double().abs()[keep].pow(2).sum(0).sqrt() for x in acts["fc2"]])  # [L, F]
+    assert _rel(two.neurons, flat) > 0.1
 
 
 def test_gpt2_family_scores_equal_direct_computation(runtime):
@@ -126,7 +157,7 @@ def test_gpt2_family_scores_equal_direct_computation(runtime):
                         add_bias_linear=True, add_qkv_bias=True)
     windows = _windows(3)
     scores = estimate_width_importance(model, runtime, windows, micro_batch_size=4)
-    ref = _direct_scores(cfg, model, windows, "l2")
+    ref = _direct_scores(cfg, model, windows, "mean", "l2")
     for name in ("heads", "neurons", "hidden", "query_groups"):
         assert _rel(getattr(scores, name), ref[name]) <= 1e-5, name
 
@@ -142,12 +173,16 @@ def test_padding_content_pad_id_and_filler_rows_do_not_change_scores(llama):
     garbage = torch.randint(0, 256, noisy.tokens.shape, generator=torch.Generator().manual_seed(9))
     noisy = TokenWindows(torch.where(pad, garbage, noisy.tokens), noisy.labels, noisy.loss_mask,
                          noisy.document_ids, noisy.sample_ids, pad_id=7)
-    for aggregation in ("l2", "max"):
-        base = estimate_width_importance(model, groups, clean, micro_batch_size=4, aggregation=aggregation)
-        other = estimate_width_importance(model, groups, noisy, micro_batch_size=3, aggregation=aggregation)
-        assert other.num_tokens == base.num_tokens
+    for sequence, batch in (("mean", "l2"), ("max", "mean"), ("l2", "mean")):
+        # micro-batch 1 vs 4 (and 3 with filler rows): the samples, hence the scores, are the same
+        base = estimate_width_importance(model, groups, clean, 4, sequence, batch)
+        one = estimate_width_importance(model, groups, clean, 1, sequence, batch)
+        other = estimate_width_importance(model, groups, noisy, 3, sequence, batch)
+        assert other.num_tokens == one.num_tokens == base.num_tokens
+        assert other.num_samples == one.num_samples == base.num_samples == len(clean)
         for name in ("heads", "neurons", "hidden"):
-            assert _rel(getattr(other, name), getattr(base, name)) <= 1e-6, (aggregation, name)
+            assert _rel(getattr(other, name), getattr(base, name)) <= 1e-6, (sequence, batch, name)
+            assert _rel(getattr(one, name), getattr(base, name)) <= 1e-6, (sequence, batch, name)
     # ...while the same garbage does change the scores once it counts: the check can fail
     counted = TokenWindows(noisy.tokens, noisy.labels, torch.ones_like(noisy.loss_mask), noisy.document_ids,
                            noisy.sample_ids, pad_id=7)
@@ -177,4 +212,6 @@ def test_rejects_empty_windows_and_unknown_aggregation(llama):
     with pytest.raises(ConfigError, match="no tokens"):
         estimate_width_importance(model, groups, windows_from_documents([np.array([5])], seq_length=8), 2)
     with pytest.raises(ValueError, match="l2, mean, max"):
-        estimate_width_importance(model, groups, _windows(), 2, aggregation="median")
+        estimate_width_importance(model, groups, _windows(), 2, sequence="median")
+    with pytest.raises(ValueError, match="batch aggregation 'max'"):
+        estimate_width_importance(model, groups, _windows(), 2, batch="max")
