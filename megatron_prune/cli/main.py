@@ -14,6 +14,8 @@ STAGES: dict[str, tuple[str, str]] = {
                 "HF checkpoint (safetensors dir or .gguf) -> megatron dist checkpoint at a TP/PP layout"),
     "evaluate": ("megatron_prune.cli.evaluate",
                  "validation perplexity and zero-shot multiple-choice accuracy at any TP/PP/DP"),
+    "score": ("megatron_prune.cli.score",
+              "activation importance of heads, neurons, channels and layers -> importance artifact"),
     "export": ("megatron_prune.cli.export",
                "megatron checkpoint (any layout) -> HF safetensors directory for transformers"),
 }

@@ -44,19 +44,20 @@ class EvalResult:
         return asdict(self)
 
 
-def _resolve_task(s: EvalSettings, manifest) -> Optional[str]:
-    if s.task == "none":
+def resolve_task(task: str, manifest, data_dir: str, field: str = "task") -> Optional[str]:
+    """`default` -> the data dir's task.jsonl, `none` -> None, else a task file that must exist."""
+    if task == "none":
         return None
-    if s.task == "default":
+    if task == "default":
         path = manifest.task_path()
         if path is None or not os.path.exists(path):
-            raise ConfigError(f"task=default but {s.data_dir} has no task.jsonl (prepare it with "
-                              f"data.task_examples>0) — or pass task=<file> or task=none")
+            raise ConfigError(f"{field}=default but {data_dir} has no task.jsonl (prepare it with "
+                              f"data.task_examples>0) — or pass {field}=<file> or {field}=none")
         return path
-    if not os.path.isfile(s.task):
-        raise ConfigError(f"task={s.task} does not exist; pass a .jsonl ({{context, choices, label}}) "
-                          f"or BIG-bench task.json file, task=default or task=none")
-    return s.task
+    if not os.path.isfile(task):
+        raise ConfigError(f"{field}={task} does not exist; pass a .jsonl ({{context, choices, label}}) "
+                          f"or BIG-bench task.json file, {field}=default or {field}=none")
+    return task
 
 
 def validate_settings(s: EvalSettings):
@@ -77,7 +78,7 @@ def validate_settings(s: EvalSettings):
     for name in ("seq_length", "micro_batch_size", "task_seq_length"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name}={getattr(s, name)} must be >= 1")
-    return ckpt, cfg, manifest, _resolve_task(s, manifest)
+    return ckpt, cfg, manifest, resolve_task(s.task, manifest, s.data_dir)
 
 
 def evaluate_checkpoint(s: EvalSettings, groups: Groups, show_progress: bool = True) -> EvalResult:
