@@ -1,7 +1,7 @@
-"""Width importance is the same at every TP/PP/DP layout: the same weights and the same calibration
-windows give the same global-index scores (heads, query groups, neurons, hidden channels) whether the
-model is sharded over TP, split over PP, or the windows over DP. Only statistics vectors cross ranks:
-the bytes each rank sends do not grow with the number of tokens."""
+"""Width importance and Block Importance are the same at every TP/PP/DP layout: the same weights and
+the same calibration windows give the same global-index scores (heads, query groups, neurons, hidden
+channels, per-layer BI) whether the model is sharded over TP, split over PP, or the windows over DP.
+Only statistics vectors cross ranks: the bytes each rank sends do not grow with the number of tokens."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,6 +16,7 @@ FAMILIES = {"llama": {},  # SwiGLU, GQA (4 heads in 2 groups), RMSNorm, tied emb
             "gpt2": dict(family="gpt2", num_query_groups=4, ffn_hidden_size=256, add_bias_linear=True,
                          add_qkv_bias=True, tie_embeddings=False)}
 SEQ = 16
+AGGREGATIONS = [("mean", "l2"), ("l2", "mean"), ("max", "l2")]  # (over the sequence, over samples)
 
 
 def _windows(repeat: int = 1):
@@ -31,8 +32,8 @@ def _scores_at(tp: int, pp: int) -> dict:
 
 
 def _family_scores_at(tp: int, pp: int, cfg_kwargs: dict) -> dict:
-    from megatron_prune.importance import (CommCounter, collect_width_stats, estimate_width_importance,
-                                           width_scores)
+    from megatron_prune.importance import CommCounter, collect_calibration_stats, width_scores
+    from megatron_prune.importance.depth import block_importance
     from megatron_prune.models.build import build_model
     from megatron_prune.models.shard import load_full_state
     from megatron_prune.runtime import init_runtime
@@ -43,13 +44,14 @@ def _family_scores_at(tp: int, pp: int, cfg_kwargs: dict) -> dict:
     load_full_state(model, random_full_state(cfg, seed=1).__getitem__, groups)
     out = {"layout": groups.layout}
     comm = CommCounter()
-    out["l2"] = estimate_width_importance(model, groups, _windows(), micro_batch_size=2, comm=comm).as_dict()
+    stats = collect_calibration_stats(model, groups, _windows(), micro_batch_size=2, comm=comm)
     out["bytes"] = comm.bytes_sent
+    out["bi"] = block_importance(stats)
+    for pair in AGGREGATIONS:
+        out[pair] = width_scores(stats, cfg.num_query_groups, *pair).as_dict()
     comm3 = CommCounter()
-    stats = collect_width_stats(model, groups, _windows(repeat=3), micro_batch_size=2, comm=comm3)
+    collect_calibration_stats(model, groups, _windows(repeat=3), micro_batch_size=2, comm=comm3)
     out["bytes_3x"] = comm3.bytes_sent
-    for aggregation in ("mean", "max"):
-        out[aggregation] = width_scores(stats, cfg.num_query_groups, aggregation).as_dict()
     return out
 
 
@@ -67,27 +69,32 @@ def test_width_scores_identical_at_every_layout(pools):
 def _check_family(family: str, runs: list) -> None:
     cfg = tiny_config(**FAMILIES[family])
     L, H, F, Hd = cfg.num_layers, cfg.num_attention_heads, cfg.ffn_hidden_size, cfg.hidden_size
-    # all statistics of the model (3 per unit), float64: what a rank may send, at most twice over
-    stats_bytes = 8 * (3 * L * (H + F) + 3 * (2 * L + 1) * Hd + 1)
+    # all statistics of the model (6 per unit, BI per layer, 2 counts), float64: what a rank may
+    # send, at most twice over
+    stats_bytes = 8 * (6 * L * (H + F) + 6 * (2 * L + 1) * Hd + L + 2)
     activation_bytes = SEQ * 2 * Hd * 4  # one micro-batch's hidden states [s, b, hidden] in fp32
     reference = None
     for (tp, pp, world), per_rank in runs:
         if reference is None:
             reference = per_rank[0]
             assert reference["bytes"] == 0  # a world of one sends nothing
-            assert reference["l2"]["num_tokens"] == _windows().num_targets
+            assert reference[AGGREGATIONS[0]]["num_tokens"] == _windows().num_targets
+            assert reference[AGGREGATIONS[0]]["num_samples"] == len(_windows())
         for rank, got in enumerate(per_rank):
             where = f"{family} {got['layout']} rank {rank}"
-            for aggregation in ("l2", "mean", "max"):
+            for pair in AGGREGATIONS:
                 for name in ("heads", "query_groups", "neurons", "hidden"):
-                    a, b = got[aggregation][name], reference[aggregation][name]
+                    a, b = got[pair][name], reference[pair][name]
                     assert a.shape == b.shape, (where, name)
-                    assert _rel(a, b) <= 1e-5, (where, aggregation, name, _rel(a, b))
-                assert got[aggregation]["num_tokens"] == reference[aggregation]["num_tokens"]
+                    assert _rel(a, b) <= 1e-5, (where, pair, name, _rel(a, b))
+                assert got[pair]["num_tokens"] == reference[pair]["num_tokens"]
+                assert got[pair]["num_samples"] == reference[pair]["num_samples"]
+            assert _rel(got["bi"], reference["bi"]) <= 1e-5, (where, got["bi"], reference["bi"])
             # score vectors, not activations: the bytes sent do not grow with 3x the tokens
             assert got["bytes"] == got["bytes_3x"], where
             assert got["bytes"] <= 2 * stats_bytes, (where, got["bytes"], stats_bytes)
             if world > 1:
                 assert 0 < got["bytes"]
-            n_microbatches = -(-len(_windows()) // 2)
-            assert got["bytes"] < n_microbatches * activation_bytes, where
+            # the 3x run: gathering one hidden-state activation per micro-batch would already send more
+            n_microbatches = -(-len(_windows(repeat=3)) // 2)
+            assert got["bytes_3x"] < n_microbatches * activation_bytes, where
