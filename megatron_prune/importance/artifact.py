@@ -11,6 +11,9 @@ Tensors (L layers, H heads, G query groups, F FFN neurons, Hd hidden channels, k
     stats/heads [L, 6, H]  stats/neurons [L, 6, F]  stats/hidden [2L+1, 6, Hd]
         the raw sample sums (see reduce.CalibrationStats), so any other aggregation can be derived
     depth/block_importance [L]
+    depth/lm_loss_layer [L]                 depth/lm_loss_block [L-k+1]            (if depth.loss)
+        validation loss without layer i / without layers [j, j+k); metadata depth.loss.base_loss
+        is the whole model's, and the increases are these minus it:
     depth/lm_loss_increase_layer [L]        depth/lm_loss_increase_block [L-k+1]   (if depth.loss)
     depth/mc_acc_block [L-k+1]              depth/mc_acc_norm_block [L-k+1]        (if depth.accuracy)
 """
@@ -48,6 +51,7 @@ def expected_shapes(model: dict[str, Any], block_size: int) -> dict[str, tuple[i
     return {"width/heads": (L, H), "width/query_groups": (L, G), "width/neurons": (L, F),
             "width/hidden": (Hd,), "stats/heads": (L, 6, H), "stats/neurons": (L, 6, F),
             "stats/hidden": (2 * L + 1, 6, Hd), "depth/block_importance": (L,),
+            "depth/lm_loss_layer": (L,), "depth/lm_loss_block": (nb,),
             "depth/lm_loss_increase_layer": (L,), "depth/lm_loss_increase_block": (nb,),
             "depth/mc_acc_block": (nb,), "depth/mc_acc_norm_block": (nb,)}
 

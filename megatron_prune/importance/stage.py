@@ -180,6 +180,8 @@ def score_checkpoint(s: ScoreSettings, groups: Groups, *, show_progress: bool = 
         val = token_windows(manifest.split_prefix(d.loss_split), s.seq_length,
                             max_samples=d.loss_max_samples, pad_id=manifest.tokenizer.pad_id)
         sweep = loss_sweep(model, groups, val, s.micro_batch_size, d.block_size, show_progress=bar)
+        tensors["depth/lm_loss_layer"] = sweep.layer
+        tensors["depth/lm_loss_block"] = sweep.block
         tensors["depth/lm_loss_increase_layer"] = sweep.layer_increase
         tensors["depth/lm_loss_increase_block"] = sweep.block_increase
         depth_meta["loss"] = {"split": d.loss_split, "samples": len(val), "base_loss": sweep.base,
