@@ -65,12 +65,22 @@ def _body(cfg, groups, logger):
     for name, sec in result.seconds.items():
         rows.append([f"time: {name}", f"{sec:.1f} s"])
     logger.summary(metrics)
+    _layer_table(logger, t)
     if cfg.pictures:
         for name in PICTURES:
             logger.image(f"score/{name.removesuffix('.png')}", str(result.path / name))
     logger.echo(f"score {cfg.checkpoint} at {groups.layout} -> {result.path}")
     logger.echo(format_table(["importance", "value"], rows))
     return result
+
+
+def _layer_table(logger, t) -> None:
+    """Per-layer depth metrics as a W&B table (and on the console): one row per layer."""
+    columns = [("BI", "depth/block_importance"), ("loss without layer", "depth/lm_loss_layer"),
+               ("loss increase", "depth/lm_loss_increase_layer")]
+    present = [(label, t[name]) for label, name in columns if name in t]
+    rows = [[i, *(float(v[i]) for _, v in present)] for i in range(len(t["depth/block_importance"]))]
+    logger.table("score/layer_table", ["layer", *(label for label, _ in present)], rows)
 
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONF, config_name="score")

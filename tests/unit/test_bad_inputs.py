@@ -151,6 +151,10 @@ def inputs(tmp_path_factory):
     d["tokenizer"] = Path(build_tiny_tokenizer(str(root / "tokenizer"),
                                                ["the cat sat on the mat and looked at the hat"], 50))
 
+    d["data"] = root / "data"
+    proc = run_cli(["prepare-data", *_prepare_args(d["texts"], d["tokenizer"], d["data"])], root, cache)
+    assert proc.returncode == 0, proc.stderr
+
     d["ckpt"] = root / "ckpt"
     proc = run_cli(["convert", f"source={d['hf']}", f"output={d['ckpt']}", "logger=none"], root, cache)
     assert proc.returncode == 0, proc.stderr
@@ -374,6 +378,58 @@ def test_prepare_data_missing_tokenizer_dir_is_refused(refusal, inputs, tmp_path
     out = tmp_path / "data"
     r.run("prepare-data", _prepare_args(inputs["texts"], tmp_path / "no-tok", out), out,
           f"tokenizer_dir='{tmp_path / 'no-tok'}' does not exist")
+
+
+# --------------------------------------------------------------------------------------------------
+# score
+
+
+def _score_args(inputs, out: Path, *extra: str) -> list[str]:
+    return [f"checkpoint={inputs['ckpt']}", f"data_dir={inputs['data']}", f"output={out}", "seq_length=16",
+            "micro_batch_size=2", "depth.accuracy=false", *extra]
+
+
+def test_score_without_calibration_data_names_the_split(refusal, inputs, tmp_path):
+    r = refusal(inputs["ckpt"], inputs["data"])
+    out = tmp_path / "imp"
+    r.run("score", _score_args(inputs, out, "split=calib"), out, "split='calib'", "no calibration data")
+    r.run("score", _score_args(inputs, out, "max_samples=0"), out, "max_samples=0 must be >= 1")
+
+
+def test_score_with_fewer_samples_than_micro_batch_times_dp_is_refused(refusal, inputs, tmp_path):
+    r = refusal(inputs["ckpt"], inputs["data"])
+    out = tmp_path / "imp"
+    r.run("score", _score_args(inputs, out, "max_samples=3"), out,
+          "gives 3 calibration samples", "micro_batch_size x data-parallel size = 2 x 2", nproc=2)
+
+
+def test_score_sequence_longer_than_the_model_is_refused(refusal, inputs, tmp_path):
+    r = refusal(inputs["ckpt"], inputs["data"])
+    out = tmp_path / "imp"
+    r.run("score", _score_args(inputs, out, "seq_length=65"), out,
+          "seq_length=65", "max_position_embeddings=64")
+
+
+def test_score_block_larger_than_the_model_is_refused(refusal, inputs, tmp_path):
+    r = refusal(inputs["ckpt"], inputs["data"])
+    out = tmp_path / "imp"
+    r.run("score", _score_args(inputs, out, "depth.block_size=3"), out,
+          "depth.block_size=3 must be in [1, num_layers=2]")
+
+
+def test_score_unknown_aggregation_and_missing_task_are_refused(refusal, inputs, tmp_path):
+    r = refusal(inputs["ckpt"], inputs["data"])
+    out = tmp_path / "imp"
+    r.run("score", _score_args(inputs, out, "sequence=median"), out, "sequence='median'", "l2, mean, max")
+    r.run("score", _score_args(inputs, out, "batch=max"), out, "batch='max'")
+    r.run("score", [*_score_args(inputs, out)[:-1], "depth.accuracy=true"], out,
+          "depth.task=default", "has no task.jsonl")
+
+
+def test_score_into_its_checkpoint_is_refused(refusal, inputs, tmp_path):
+    r = refusal(inputs["ckpt"], inputs["data"])
+    out = inputs["ckpt"] / "importance"
+    r.run("score", _score_args(inputs, out), out, "overlaps checkpoint=")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -74,3 +74,44 @@ def test_prepare_convert_evaluate_export(made, tmp_path):
     tokens = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(exported(tokens).logits, made["hf_model"].eval()(tokens).logits)
+
+
+def test_score_at_pp2_writes_the_artifact_pictures_and_a_wandb_run(made, tmp_path):
+    from megatron_prune.importance.artifact import read_artifact
+
+    root, cache = made["root"], made["cache"]
+    data = tmp_path / "data"
+    assert run_cli(["prepare-data", f"data.source={made['texts']}", f"data.tokenizer_dir={made['tokenizer']}",
+                    f"data.output_dir={data}", "data.task_examples=0"], root, cache).returncode == 0
+    ckpt = tmp_path / "ckpt"
+    assert run_cli(["convert", f"source={made['hf']}", f"output={ckpt}", "logger=none"], root, cache).returncode == 0
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"context": "the cat sat on the", "choices": ["mat", "dog"], "label": 0}) + "\n" +
+                    json.dumps({"context": "a dog ran to the", "choices": ["hat", "cat"], "label": 1}) + "\n")
+    out = tmp_path / "importance"
+    proc = run_cli(["score", f"checkpoint={ckpt}", f"data_dir={data}", f"output={out}", "parallel.pp=2",
+                    "seq_length=16", "micro_batch_size=2", "max_samples=8", "depth.block_size=2",
+                    f"depth.task={task}", "depth.task_seq_length=16", f"logger.dir={tmp_path}",
+                    "logger.group=cli-test"], root, cache, nproc=2)
+    assert proc.returncode == 0, proc.stderr
+    artifact = read_artifact(out)
+    meta = artifact.metadata
+    assert meta["layout"] == "tp1-pp2-dp1" and meta["samples"] == 8 and meta["tokens"] > 8
+    assert meta["aggregation"] == {"sequence": "mean", "batch": "l2"}
+    assert meta["model"]["config"]["num_layers"] == 2 and len(meta["model"]["sha256"]) == 64
+    assert meta["data"]["split"] == "calibration" and meta["depth"]["accuracy"]["examples"] == 2
+    assert artifact["depth/mc_acc_block"].shape == (1,) and artifact["width/heads"].shape == (2, 4)
+    for name in ("heads.png", "neurons.png", "layers.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "cheapest block of 2 (LM loss)" in proc.stdout and "loss increase" in proc.stdout
+    (run_file,) = find_runs(str(tmp_path))
+    run = read_run(run_file)
+    assert run.job_type == "score" and run.group == "cli-test"
+    images = [row for row in run.history if row.get("score/heads/_type") or row.get("score/layers/_type")]
+    assert {"score/heads/_type", "score/neurons/_type", "score/layers/_type",
+            "score/layer_table/_type"} <= run.history_keys()
+    assert images and all(row.get(k) in (None, "image-file") for row in images
+                          for k in ("score/heads/_type", "score/layers/_type"))
+    for name in ("heads", "neurons", "layers"):
+        assert any(f.startswith(f"files/media/images/score/{name}_") and f.endswith(".png") for f in run.files)
+    assert run.summary["score/samples"] == 8
