@@ -49,3 +49,19 @@ def shakespeare_data():
     subprocess.run([sys.executable, "-m", "megatron_prune", "assets"], check=True,
                    capture_output=True, text=True)
     return str(cache_root() / "data" / "shakespeare-smollm2")
+
+
+def _convert_tp1(hf_dir: str, out: str) -> None:
+    from megatron_prune.config import ParallelConfig
+    from megatron_prune.convert.stages import convert_hf
+    from megatron_prune.runtime import init_runtime
+
+    convert_hf(hf_dir, out, init_runtime(ParallelConfig(tp=1, pp=1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(pools, tmp_path_factory, smollm2_dir):
+    """SmolLM2-135M converted once per session, at TP1 (every layout loads it)."""
+    out = str(tmp_path_factory.mktemp("smollm2-ckpt") / "smollm2")
+    pools.run(1, _convert_tp1, smollm2_dir, out)
+    return out

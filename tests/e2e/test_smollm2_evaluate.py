@@ -11,13 +11,6 @@ from megatron_prune.config import ParallelConfig
 pytestmark = pytest.mark.e2e
 
 
-def _convert(hf_dir: str, out: str) -> None:
-    from megatron_prune.convert.stages import convert_hf
-    from megatron_prune.runtime import init_runtime
-
-    convert_hf(hf_dir, out, init_runtime(ParallelConfig(tp=1, pp=1)))
-
-
 def _evaluate(tp: int, ckpt: str, data_dir: str):
     from megatron_prune.evaluate.stage import EvalSettings, evaluate_checkpoint
     from megatron_prune.runtime import init_runtime
@@ -28,10 +21,8 @@ def _evaluate(tp: int, ckpt: str, data_dir: str):
     return evaluate_checkpoint(settings, groups, show_progress=False)
 
 
-def test_perplexity_and_accuracy_are_layout_independent(pools, tmp_path, smollm2_dir,
-                                                         shakespeare_data):
-    ckpt = str(tmp_path / "smollm2")
-    pools.run(1, _convert, smollm2_dir, ckpt)
+def test_perplexity_and_accuracy_are_layout_independent(pools, smollm2_checkpoint, shakespeare_data):
+    ckpt = smollm2_checkpoint
     tp1 = pools.run(1, _evaluate, 1, ckpt, shakespeare_data)[0]
     tp3 = pools.run(3, _evaluate, 3, ckpt, shakespeare_data)
     assert tp1.tokens == 6 * 512 and tp1.samples == 6
