@@ -51,9 +51,9 @@ except Exception as e:  # noqa: BLE001 - any import failure means "no triton"
     triton = tl = None
     _TRITON_ERROR = e
 
-__all__ = ["ChannelStats", "HeadStats", "channel_stats", "channel_stats_reference",
-           "channel_stats_triton", "head_stats", "head_stats_reference", "head_stats_triton",
-           "resolve_backend", "triton_available"]
+__all__ = ["ChannelStats", "HeadStats", "channel_stats", "channel_stats_per_sample",
+           "channel_stats_reference", "channel_stats_triton", "head_stats", "head_stats_per_sample",
+           "head_stats_reference", "head_stats_triton", "resolve_backend", "triton_available"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,6 +404,87 @@ def head_stats_triton(x: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
         x3.stride(2), tokens_per_split, HAS_MASK=has_mask, BLOCK_T=bt, BLOCK_H=bh, BLOCK_D=bd)
     return HeadStats(sum_norm=part[0].sum(0), sum_sq_norm=part[1].sum(0),
                      max_norm=part[2].amax(0), count=count)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-sample statistics: megatron activations [s, b, ...] with a [s, b] mask give one statistics
+# row per sample (column b), e.g. for Minitron's aggregation over each sample's sequence first.
+# The reference is vectorised over the samples (one pass per token chunk for all b rows); the
+# Triton path runs the fused kernel on each sample's strided [s, C] view (b launches).
+# ----------------------------------------------------------------------------------------------
+def _check_per_sample(x: torch.Tensor, mask: torch.Tensor, trailing: int, what: str) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2 + trailing:
+        raise ValueError(f"{what}: x must be a floating-point [s, b, {'C' if trailing == 1 else 'H, D'}] "
+                         f"tensor, got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"{what}: mask must be [s, b] = {tuple(x.shape[:2])}, got "
+                         f"{tuple(getattr(mask, 'shape', ()))}")
+
+
+def _token_chunks(x: torch.Tensor, drop: torch.Tensor):
+    """Yield (fp32 scratch copy of x[t0:t1] [t, b, ...], drop[t0:t1] [t, b]) over token chunks."""
+    per_token = max(1, math.prod(x.shape[1:]))
+    step = max(1, _REF_CHUNK_ELEMS // per_token)
+    buf = torch.empty((min(step, x.shape[0]), *x.shape[1:]), dtype=torch.float32, device=x.device)
+    for t0 in range(0, x.shape[0], step):
+        b = buf[:min(step, x.shape[0] - t0)]
+        b.copy_(x[t0:t0 + step])
+        yield b, drop[t0:t0 + step]
+
+
+@torch.no_grad()
+def channel_stats_per_sample_reference(x: torch.Tensor, mask: torch.Tensor) -> ChannelStats:
+    _check_per_sample(x, mask, 1, "channel_stats_per_sample")
+    s, b, C = x.shape
+    drop = mask.to(x.device) == 0  # [s, b]
+    out = ChannelStats(sum_sq=torch.zeros(b, C, device=x.device), sum_abs=torch.zeros(b, C, device=x.device),
+                       max_abs=torch.zeros(b, C, device=x.device), count=int((~drop).sum()))
+    for a, d in _token_chunks(x.detach(), drop):  # a: [t, b, C] fp32 scratch
+        a.abs_().masked_fill_(d[..., None], 0.0)  # fill, never multiply: masked inf/nan stay out
+        out.sum_abs += a.sum(0)
+        torch.maximum(out.max_abs, a.amax(0), out=out.max_abs)
+        out.sum_sq += a.mul_(a).sum(0)
+    return out
+
+
+@torch.no_grad()
+def head_stats_per_sample_reference(x: torch.Tensor, mask: torch.Tensor) -> HeadStats:
+    _check_per_sample(x, mask, 2, "head_stats_per_sample")
+    s, b, H, _ = x.shape
+    drop = mask.to(x.device) == 0  # [s, b]
+    out = HeadStats(sum_norm=torch.zeros(b, H, device=x.device), sum_sq_norm=torch.zeros(b, H, device=x.device),
+                    max_norm=torch.zeros(b, H, device=x.device), count=int((~drop).sum()))
+    for v, d in _token_chunks(x.detach(), drop):  # v: [t, b, H, D] fp32 scratch
+        ss = v.mul_(v).sum(-1).masked_fill_(d[..., None], 0.0)  # [t, b, H] squared head norms
+        n = ss.sqrt()
+        out.sum_norm += n.sum(0)
+        out.sum_sq_norm += ss.sum(0)
+        torch.maximum(out.max_norm, n.amax(0), out=out.max_norm)
+    return out
+
+
+def _stack_rows(rows: list, cls):
+    fields = cls._SUMS + cls._MAXES
+    return cls(**{f: torch.stack([getattr(r, f) for r in rows]) for f in fields},
+               count=sum(int(r.count) for r in rows))
+
+
+def channel_stats_per_sample(x: torch.Tensor, mask: torch.Tensor, backend: str = "auto") -> ChannelStats:
+    """``x[s, b, C]``, ``mask[s, b]`` -> ChannelStats whose fields are ``[b, C]``: sample j's
+    sum x², sum |x| and max |x| over its kept tokens (zeros for a sample with none)."""
+    if resolve_backend(x, backend) == "triton":
+        _check_per_sample(x, mask, 1, "channel_stats_per_sample")
+        return _stack_rows([channel_stats_triton(x[:, j], mask[:, j]) for j in range(x.shape[1])],
+                           ChannelStats)
+    return channel_stats_per_sample_reference(x, mask)
+
+
+def head_stats_per_sample(x: torch.Tensor, mask: torch.Tensor, backend: str = "auto") -> HeadStats:
+    """``x[s, b, H, D]``, ``mask[s, b]`` -> HeadStats whose fields are ``[b, H]`` (per sample)."""
+    if resolve_backend(x, backend) == "triton":
+        _check_per_sample(x, mask, 2, "head_stats_per_sample")
+        return _stack_rows([head_stats_triton(x[:, j], mask[:, j]) for j in range(x.shape[1])], HeadStats)
+    return head_stats_per_sample_reference(x, mask)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def collect_calibration_stats(model: torch.nn.Module, groups: Groups, windows: T
     bar = progress_bar(total, "importance", enabled=show_progress and groups.is_rank0)
     chunk = []
     try:
-        with record_activations(model, token_mask, backend=backend) as local:
+        with record_activations(model, token_mask, backend=backend, tp_rank=groups.tp_rank) as local:
             for i, mb in enumerate(iter_microbatches(windows, micro_batch_size, dp_rank=groups.dp_rank,
                                                      dp_size=groups.dp_size)):
                 chunk.append(mb)

@@ -2,11 +2,12 @@
 
 For every local transformer layer (global index `layer.layer_number - 1`):
   - `self_attention.linear_proj` input, the attention output [s, b, np_local * hn]: per head, the
-    token-wise l2 norm of the head's hn-vector (`head_stats`);
-  - `mlp.linear_fc2` input, the FFN intermediate [s, b, F_local]: per neuron |x| (`channel_stats`);
-  - `input_layernorm` and `pre_mlp_layernorm` outputs [s, b, hidden]: per channel |x|;
+    token-wise l2 norm of the head's hn-vector (`head_stats_per_sample`);
+  - `mlp.linear_fc2` input, the FFN intermediate [s, b, F_local]: per neuron |x| (`channel_stats_per_sample`);
+  - `input_layernorm` and `pre_mlp_layernorm` outputs [s, b, hidden]: per channel |x|, for this TP
+    rank's block of channels (`hidden_slice`; the outputs are replicated over TP);
   - the layer's own input and output hidden states [s, b, hidden]: 1 - cos(input, output) per token,
-    for Block Importance (ShortGPT / Minitron's depth metric);
+    for Block Importance (ShortGPT / Minitron's depth metric), on every tp-th token;
 and `decoder.final_layernorm` on the last stage. Heads and neurons are this TP rank's shard (local
 index space); `reduce.py` puts them in global order. Hooks are registered on entry and removed on
 exit; no module's forward is replaced.
@@ -30,7 +31,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from megatron_prune.kernels.activation_stats import channel_stats, head_stats
+from megatron_prune.kernels.activation_stats import channel_stats_per_sample, head_stats_per_sample
 from megatron_prune.models.forward import Batch
 
 # masks_provider() -> [s, b] token mask of the micro-batch being run (nonzero = count the token)
@@ -76,19 +77,19 @@ class SampleSums:
     def zeros(cls, n: int) -> "SampleSums":
         return cls(torch.zeros(6, n, dtype=torch.float64))
 
-    def add(self, per_sample: torch.Tensor) -> None:  # per_sample: [3, n] one sample's aggregates
+    def add(self, per_sample: torch.Tensor) -> None:  # per_sample: [r, 3, n], r samples' aggregates
         a = per_sample.to(torch.float64).cpu()
-        self.sums[:3] += a
-        self.sums[3:] += a * a
+        self.sums[:3] += a.sum(0)
+        self.sums[3:] += (a * a).sum(0)
 
 
 @dataclass
 class LayerStats:
     heads: Optional[SampleSums] = None  # [6, np_local] local heads
     neurons: Optional[SampleSums] = None  # [6, F_local] local FFN neurons
-    pre_attn: Optional[SampleSums] = None  # [6, hidden] input_layernorm output
-    pre_mlp: Optional[SampleSums] = None  # [6, hidden] pre_mlp_layernorm output
-    bi_sum: float = 0.0  # sum over kept tokens of 1 - cos(layer input, layer output)
+    pre_attn: Optional[SampleSums] = None  # [6, hidden slice] input_layernorm output
+    pre_mlp: Optional[SampleSums] = None  # [6, hidden slice] pre_mlp_layernorm output
+    bi_sum: float = 0.0  # sum over this rank's share of tokens of 1 - cos(layer input, output)
 
 
 @dataclass
@@ -109,7 +110,18 @@ class LocalStats:
     final_norm: Optional[SampleSums] = None  # last stage only
     num_heads_local: int = 0
     head_dim: int = 0
+    hidden_slice: tuple[int, int] = (0, 0)  # [lo, hi): the hidden channels this TP rank scores
     nonfinite: Optional[NonFinite] = None  # the first non-finite activation (lowest layer)
+
+
+def hidden_slice(hidden_size: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
+    """Channels [lo, hi) of TP rank r: blocks of ceil(hidden / tp), the last one possibly shorter.
+
+    Norm outputs and hidden states are replicated over TP, so scoring all channels on every TP rank
+    would repeat the same work tp times; each rank scores one block and reduce.py gathers them."""
+    chunk = -(-hidden_size // tp_size)
+    lo = min(tp_rank * chunk, hidden_size)
+    return lo, min(lo + chunk, hidden_size)
 
 
 def _check_hookable(module: torch.nn.Module, what: str) -> None:
@@ -130,9 +142,12 @@ def _hidden_of(output) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def record_activations(model: torch.nn.Module, token_mask: TokenMask,
-                       backend: str = "auto") -> Iterator[LocalStats]:
-    """Register the statistics hooks on this rank's layers; yields the `LocalStats` they fill."""
+def record_activations(model: torch.nn.Module, token_mask: TokenMask, backend: str = "auto", *,
+                       tp_rank: int = 0) -> Iterator[LocalStats]:
+    """Register the statistics hooks on this rank's layers; yields the `LocalStats` they fill.
+
+    `tp_rank` (of `config.tensor_model_parallel_size`) picks this rank's share of the replicated
+    work: a block of hidden channels for the norm outputs, every tp-th token for Block Importance."""
     config = model.config
     if getattr(config, "sequence_parallel", False):
         raise NotImplementedError("record_activations: sequence_parallel splits the hidden states "
@@ -140,7 +155,8 @@ def record_activations(model: torch.nn.Module, token_mask: TokenMask,
     tp = int(config.tensor_model_parallel_size)
     np_local = int(config.num_attention_heads) // tp
     hn = int(config.kv_channels)
-    stats = LocalStats(num_heads_local=np_local, head_dim=hn)
+    lo, hi = hidden_slice(int(config.hidden_size), tp_rank, tp)
+    stats = LocalStats(num_heads_local=np_local, head_dim=hn, hidden_slice=(lo, hi))
     handles = []
 
     def mask_for(x: torch.Tensor) -> torch.Tensor:
@@ -157,22 +173,24 @@ def record_activations(model: torch.nn.Module, token_mask: TokenMask,
             stats.nonfinite = new
 
     def per_sample(x: torch.Tensor, heads: bool, layer: int, where: int, current: Optional[SampleSums]):
-        """Aggregate each row of x [s, b, n] (or [s, b, np, hn] for heads) over its kept tokens."""
+        """Aggregate each sample (column b) of x [s, b, n] (or [s, b, np, hn]) over its kept tokens."""
         mask = mask_for(x)  # [s, b]
+        counts = (mask != 0).sum(0).to(torch.float32)  # [b]
+        if heads:
+            st = head_stats_per_sample(x, mask, backend=backend)  # fields [b, np]
+            a = torch.stack([st.sum_sq_norm.sqrt(), st.sum_norm / counts.clamp_min(1)[:, None],
+                             st.max_norm], dim=1)  # [b, 3, np]
+        else:
+            st = channel_stats_per_sample(x, mask, backend=backend)  # fields [b, n]
+            a = torch.stack([st.sum_sq.sqrt(), st.sum_abs / counts.clamp_min(1)[:, None],
+                             st.max_abs], dim=1)  # [b, 3, n]
+        rows = (counts > 0).nonzero().flatten()  # filler rows and all-padding samples are no samples
+        a = a[rows]  # [r, 3, n]
+        finite = torch.isfinite(a).flatten(1).all(1)  # [r]
+        if not bool(finite.all()):
+            note_nonfinite(layer, where, int(rows[int((~finite).nonzero()[0])]))
         out = current if current is not None else SampleSums.zeros(x.shape[2])
-        for row in range(x.shape[1]):
-            keep = mask[:, row]  # [s]
-            if not bool(keep.any()):
-                continue  # a filler row or an all-padding sample: no sample at all
-            if heads:
-                st = head_stats(x[:, row], keep, backend=backend)
-                a = torch.stack([st.sum_sq_norm.sqrt(), st.sum_norm / st.count, st.max_norm])  # [3, np]
-            else:
-                st = channel_stats(x[:, row], keep, backend=backend)
-                a = torch.stack([st.sum_sq.sqrt(), st.sum_abs / st.count, st.max_abs])  # [3, n]
-            if not bool(torch.isfinite(a).all()):
-                note_nonfinite(layer, where, row)
-            out.add(a)
+        out.add(a)
         return out
 
     for layer in model.decoder.layers:
@@ -192,7 +210,7 @@ def record_activations(model: torch.nn.Module, token_mask: TokenMask,
 
         def on_norm(name: str, where: int, index=index, entry=entry):
             def hook(module, args, output):
-                x = _hidden_of(output)  # [s, b, hidden]
+                x = _hidden_of(output)[..., lo:hi]  # [s, b, hidden slice]
                 setattr(entry, name, per_sample(x, False, index, where, getattr(entry, name)))
             return hook
 
@@ -200,8 +218,14 @@ def record_activations(model: torch.nn.Module, token_mask: TokenMask,
             x_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [s, b, h]
             x_out = _hidden_of(output)  # [s, b, h]
             keep = mask_for(x_out) != 0  # [s, b]
-            cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # [s, b]
-            entry.bi_sum += float((1.0 - cos.double())[keep].sum())
+            if tp > 1:  # this rank's share: every tp-th token (flat [s, b] order); reduce.py sums
+                share = torch.arange(keep.numel(), device=keep.device).reshape(keep.shape) % tp == tp_rank
+                keep = keep & share
+            xi, xo = x_in[keep].float(), x_out[keep].float()  # [t, h] the kept tokens only
+            # dot / (|a| |b|): several times faster on CPU than F.cosine_similarity, same value
+            cos = (xi * xo).sum(-1) / (torch.linalg.vector_norm(xi, dim=-1) *
+                                      torch.linalg.vector_norm(xo, dim=-1)).clamp_min(1e-8)  # [t]
+            entry.bi_sum += float((1.0 - cos.double()).sum())
 
         proj = layer.self_attention.linear_proj
         handles.append(proj.register_forward_pre_hook(on_proj, with_kwargs=True))
@@ -215,7 +239,7 @@ def record_activations(model: torch.nn.Module, token_mask: TokenMask,
         num_layers = int(config.num_layers)
 
         def on_final(module, args, output):
-            x = _hidden_of(output)  # [s, b, hidden]
+            x = _hidden_of(output)[..., lo:hi]  # [s, b, hidden slice]
             stats.final_norm = per_sample(x, False, num_layers, 4, stats.final_norm)
 
         handles.append(final.register_forward_hook(on_final))

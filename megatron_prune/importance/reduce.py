@@ -5,9 +5,9 @@ Only statistics vectors cross ranks (invariant 2 of DESIGN.md), never activation
   - TP: per-head / per-neuron statistics all-gathered over `groups.tp`. megatron gives rank r the
     heads [r*np_local, (r+1)*np_local) (the input of the row-parallel linear_proj) and the neurons
     [r*F_local, (r+1)*F_local) (the input of the row-parallel linear_fc2; with SwiGLU, rank r's
-    fc1 holds [gate_r; up_r], so its product is again neuron block r). Hidden-channel statistics
-    and Block Importance are replicated over TP (norm outputs and hidden states before any TP
-    split), so each rank keeps its own;
+    fc1 holds [gate_r; up_r], so its product is again neuron block r). Norm outputs and hidden
+    states are replicated over TP, so the hooks split that work: rank r scores hidden-channel block
+    r (all-gathered like the heads) and every tp-th token for Block Importance (summed);
   - PP: every stage writes its own layers into zero-filled [num_layers, ...] tensors, all-reduced
     with SUM over `groups.pp` (adding zeros is exact).
 Reductions run in float64. Each collective takes `group=` and is skipped for a group of one.
@@ -115,15 +115,24 @@ def reduce_calibration_stats(local: LocalStats, num_tokens: int, num_samples: in
     """Global statistics from this rank's hooks (every rank of every layout returns the same)."""
     comm = comm if comm is not None else CommCounter()
     np_local, f_local = num_heads // groups.tp_size, ffn_hidden_size // groups.tp_size
-    ids, heads, neurons, norms, bi, final = local_tensors(local, np_local, f_local, hidden_size)
+    lo, hi = local.hidden_slice if local.hidden_slice != (0, 0) else (0, hidden_size)
+    chunk = -(-hidden_size // groups.tp_size)  # every rank's block padded to this width
+    ids, heads, neurons, norms, bi, final = local_tensors(local, np_local, f_local, hi - lo)
     if final is None:
-        final = torch.zeros(6, hidden_size, dtype=torch.float64)  # only the last stage has one
+        final = torch.zeros(6, hi - lo, dtype=torch.float64)  # only the last stage has one
     counts = torch.tensor([float(num_tokens), float(num_samples)], dtype=torch.float64)
     if groups.dp_size > 1:
         heads, neurons, norms, bi, final, counts = _all_reduce_sum(
             [heads, neurons, norms, bi, final, counts], groups.dp, "dp", comm)
     heads = _tp_gather(heads, groups, comm)  # [Ll, 6, H]
     neurons = _tp_gather(neurons, groups, comm)  # [Ll, 6, F]
+    # hidden blocks: [Ll*2 + 1, 6, hi - lo] padded to chunk, gathered, cut back to hidden_size
+    hidden = torch.cat([norms.reshape(-1, 6, hi - lo), final[None]])
+    hidden = torch.nn.functional.pad(hidden, (0, chunk - (hi - lo)))
+    hidden = _tp_gather(hidden, groups, comm)[..., :hidden_size]  # [Ll*2 + 1, 6, Hd]
+    norms, final = hidden[:-1].reshape(len(ids), 2, 6, hidden_size), hidden[-1]
+    if groups.tp_size > 1:
+        (bi,) = _all_reduce_sum([bi], groups.tp, "tp", comm)
 
     L = num_layers
     g_heads = torch.zeros(L, 6, num_heads, dtype=torch.float64)

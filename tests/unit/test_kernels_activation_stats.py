@@ -309,3 +309,41 @@ def test_triton_mode_and_gpu_build_in_a_fresh_process(tmp_path):
                        text=True, timeout=240, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
                            os.path.abspath(__file__)))))
     assert r.returncode == 0 and "FRESH-OK" in r.stdout, r.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- per-sample variants
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_per_sample_statistics_equal_the_oracle_of_each_sample(backend, dtype, monkeypatch):
+    from megatron_prune.kernels.activation_stats import channel_stats_per_sample, head_stats_per_sample
+
+    monkeypatch.setenv("MEGATRON_PRUNE_TRITON", "1")
+    g = torch.Generator().manual_seed(7)
+    s, b = 37, 4  # 37 tokens: not a multiple of any block size
+    x = torch.randn(s, b, 75, generator=g).to(dtype)  # [s, b, C]
+    h = torch.randn(s, b, 5, 24, generator=g).to(dtype)  # [s, b, H, D]
+    mask = torch.rand(s, b, generator=g) > 0.3
+    mask[:, 2] = False  # an all-padding sample: zeros, no count
+    x[~mask] = float("inf")  # masked tokens must never leak, even as inf / nan
+    h[~mask] = float("nan")
+    if backend == "torch":  # several token chunks in the reference
+        monkeypatch.setattr(A, "_REF_CHUNK_ELEMS", 5 * 4 * 75)
+    cs = channel_stats_per_sample(x, mask, backend=backend)
+    hs = head_stats_per_sample(h, mask, backend=backend)
+    assert cs.sum_sq.shape == (b, 75) and hs.sum_norm.shape == (b, 5)
+    assert cs.count == hs.count == int(mask.sum())
+    for j in range(b):
+        want, n = oracle_channel(x[:, j], mask[:, j])
+        for name, w in want.items():
+            assert torch.allclose(getattr(cs, name)[j].double(), w, rtol=1e-5, atol=1e-6), (j, name)
+        want, n = oracle_head(h[:, j], mask[:, j])
+        for name, w in want.items():
+            assert torch.allclose(getattr(hs, name)[j].double(), w, rtol=1e-5, atol=1e-6), (j, name)
+    assert not cs.sum_sq[2].any() and not hs.max_norm[2].any()
+
+
+def test_per_sample_rejects_a_mask_of_the_wrong_shape():
+    from megatron_prune.kernels.activation_stats import channel_stats_per_sample
+
+    with pytest.raises(ValueError, match=r"mask must be \[s, b\] = \(4, 2\)"):
+        channel_stats_per_sample(torch.zeros(4, 2, 3), torch.ones(2, 4))
