@@ -221,10 +221,14 @@ def record_activations(model: torch.nn.Module, token_mask: TokenMask, backend: s
             if tp > 1:  # this rank's share: every tp-th token (flat [s, b] order); reduce.py sums
                 share = torch.arange(keep.numel(), device=keep.device).reshape(keep.shape) % tp == tp_rank
                 keep = keep & share
-            xi, xo = x_in[keep].float(), x_out[keep].float()  # [t, h] the kept tokens only
+            if bool(keep.all()):  # no copy of the hidden states when every token counts
+                xi, xo = x_in.reshape(-1, x_in.shape[-1]), x_out.reshape(-1, x_out.shape[-1])  # [t, h]
+            else:
+                xi, xo = x_in[keep], x_out[keep]  # [t, h] the kept tokens only
+            xi, xo = xi.float(), xo.float()
             # dot / (|a| |b|): several times faster on CPU than F.cosine_similarity, same value
-            cos = (xi * xo).sum(-1) / (torch.linalg.vector_norm(xi, dim=-1) *
-                                      torch.linalg.vector_norm(xo, dim=-1)).clamp_min(1e-8)  # [t]
+            cos = torch.linalg.vecdot(xi, xo) / (torch.linalg.vector_norm(xi, dim=-1) *
+                                                  torch.linalg.vector_norm(xo, dim=-1)).clamp_min(1e-8)  # [t]
             entry.bi_sum += float((1.0 - cos.double()).sum())
 
         proj = layer.self_attention.linear_proj

@@ -347,3 +347,19 @@ def test_per_sample_rejects_a_mask_of_the_wrong_shape():
 
     with pytest.raises(ValueError, match=r"mask must be \[s, b\] = \(4, 2\)"):
         channel_stats_per_sample(torch.zeros(4, 2, 3), torch.ones(2, 4))
+
+
+def test_per_sample_fast_path_without_masked_tokens_equals_the_oracle():
+    # fp32 and every token kept: the reference skips its scratch copy and fill; same numbers
+    from megatron_prune.kernels.activation_stats import channel_stats_per_sample, head_stats_per_sample
+
+    g = torch.Generator().manual_seed(8)
+    x, h = torch.randn(29, 3, 40, generator=g), torch.randn(29, 3, 4, 16, generator=g)
+    keep = torch.ones(29, 3)
+    cs, hs = channel_stats_per_sample(x, keep, "torch"), head_stats_per_sample(h, keep, "torch")
+    for j in range(3):
+        for name, w in oracle_channel(x[:, j])[0].items():
+            assert torch.allclose(getattr(cs, name)[j].double(), w, rtol=1e-5), (j, name)
+        for name, w in oracle_head(h[:, j])[0].items():
+            assert torch.allclose(getattr(hs, name)[j].double(), w, rtol=1e-5), (j, name)
+    assert torch.equal(x, torch.randn(29, 3, 40, generator=torch.Generator().manual_seed(8)))  # untouched
