@@ -124,13 +124,38 @@ def hidden_slice(hidden_size: int, tp_rank: int, tp_size: int) -> tuple[int, int
     return lo, min(lo + chunk, hidden_size)
 
 
-def _check_hookable(module: torch.nn.Module, what: str) -> None:
+def fused_norm_output(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of the norm a Transformer Engine LayerNormLinear fuses in front of its GEMM.
+
+    TE computes it inside its kernel and does not return it, so the hook recomputes it from the
+    module's input with the module's own norm parameters (`layer_norm_weight`, `layer_norm_bias`,
+    `eps`, `normalization`, `zero_centered_gamma`). fp32; [..., hidden] -> [..., hidden]."""
+    xf = x.float()
+    weight = module.layer_norm_weight.float()
+    if getattr(module, "zero_centered_gamma", False):
+        weight = weight + 1.0  # TE stores gamma - 1
+    eps = float(module.eps)
+    if module.normalization == "RMSNorm":
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        y = torch.nn.functional.layer_norm(xf, (x.shape[-1],), eps=eps)
+    y = y * weight
+    bias = getattr(module, "layer_norm_bias", None)
+    return y + bias.float() if bias is not None and module.normalization != "RMSNorm" else y
+
+
+def _norm_site(norm: torch.nn.Module, fused_into: torch.nn.Module, what: str):
+    """(module, True) to hook a norm's output, or (linear, False) to hook a TE linear's input and
+    recompute the norm it fuses; refuses a layer where neither exists."""
     from megatron.core.transformer.identity_op import IdentityOp
 
-    if module is None or isinstance(module, IdentityOp):
-        raise NotImplementedError(
-            f"record_activations: the layer has no separate {what} module (the Transformer Engine "
-            "spec fuses the norm into the next linear layer); build the model with the local spec")
+    if norm is not None and not isinstance(norm, IdentityOp):
+        return norm, True
+    if hasattr(fused_into, "layer_norm_weight") and hasattr(fused_into, "normalization"):
+        return fused_into, False
+    raise NotImplementedError(f"record_activations: the layer has no {what} module and its next linear "
+                              "layer fuses no norm that can be read; use the local or the Transformer "
+                              "Engine layer spec")
 
 
 def _first_input(args, kwargs) -> torch.Tensor:
@@ -196,8 +221,8 @@ def record_activations(model: torch.nn.Module, token_mask: TokenMask, backend: s
     for layer in model.decoder.layers:
         index = int(layer.layer_number) - 1
         entry = stats.layers.setdefault(index, LayerStats())
-        _check_hookable(layer.input_layernorm, "input_layernorm")
-        _check_hookable(layer.pre_mlp_layernorm, "pre_mlp_layernorm")
+        attn_norm = _norm_site(layer.input_layernorm, layer.self_attention.linear_qkv, "input_layernorm")
+        mlp_norm = _norm_site(layer.pre_mlp_layernorm, layer.mlp.linear_fc1, "pre_mlp_layernorm")
 
         def on_proj(module, args, kwargs, entry=entry, index=index):
             x = _first_input(args, kwargs)  # [s, b, np_local * hn]
@@ -211,6 +236,12 @@ def record_activations(model: torch.nn.Module, token_mask: TokenMask, backend: s
         def on_norm(name: str, where: int, index=index, entry=entry):
             def hook(module, args, output):
                 x = _hidden_of(output)[..., lo:hi]  # [s, b, hidden slice]
+                setattr(entry, name, per_sample(x, False, index, where, getattr(entry, name)))
+            return hook
+
+        def on_fused_norm(name: str, where: int, index=index, entry=entry):
+            def hook(module, args, kwargs):
+                x = fused_norm_output(module, _first_input(args, kwargs))[..., lo:hi]  # [s, b, slice]
                 setattr(entry, name, per_sample(x, False, index, where, getattr(entry, name)))
             return hook
 
@@ -234,8 +265,11 @@ def record_activations(model: torch.nn.Module, token_mask: TokenMask, backend: s
         proj = layer.self_attention.linear_proj
         handles.append(proj.register_forward_pre_hook(on_proj, with_kwargs=True))
         handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(on_fc2, with_kwargs=True))
-        handles.append(layer.input_layernorm.register_forward_hook(on_norm("pre_attn", 0)))
-        handles.append(layer.pre_mlp_layernorm.register_forward_hook(on_norm("pre_mlp", 2)))
+        for (module, separate), name, where in ((attn_norm, "pre_attn", 0), (mlp_norm, "pre_mlp", 2)):
+            if separate:  # the local spec: the norm is a module of its own
+                handles.append(module.register_forward_hook(on_norm(name, where)))
+            else:  # the TE spec: the norm is fused into linear_qkv / linear_fc1
+                handles.append(module.register_forward_pre_hook(on_fused_norm(name, where), with_kwargs=True))
         handles.append(layer.register_forward_hook(on_layer, with_kwargs=True))
 
     final = getattr(model.decoder, "final_layernorm", None)

@@ -215,3 +215,47 @@ def test_rejects_empty_windows_and_unknown_aggregation(llama):
         estimate_width_importance(model, groups, _windows(), 2, sequence="median")
     with pytest.raises(ValueError, match="batch aggregation 'max'"):
         estimate_width_importance(model, groups, _windows(), 2, batch="max")
+
+
+class _FusedNormLinear(torch.nn.Module):
+    """Transformer Engine's LayerNormLinear, rebuilt from megatron's own norm and linear (TE needs a
+    GPU): the norm runs inside the module and its output is never returned, only the GEMM's. Its
+    attributes are TE's: layer_norm_weight / layer_norm_bias / eps / normalization / zero_centered_gamma."""
+
+    def __init__(self, norm: torch.nn.Module, linear: torch.nn.Module, normalization: str, eps: float,
+                 zero_centered: bool):
+        super().__init__()
+        self.norm, self.linear = norm, linear
+        self.normalization, self.eps, self.zero_centered_gamma = normalization, eps, zero_centered
+        # TE keeps gamma - 1 when zero_centered_gamma is on
+        self.layer_norm_weight = torch.nn.Parameter(norm.weight.detach() - (1.0 if zero_centered else 0.0))
+        bias = getattr(norm, "bias", None)
+        self.layer_norm_bias = None if bias is None else torch.nn.Parameter(bias.detach().clone())
+
+    def forward(self, x, *args, **kwargs):
+        return self.linear(self.norm(x), *args, **kwargs)
+
+
+@pytest.mark.parametrize("family,zero_centered", [("llama", False), ("llama", True), ("gpt2", False)])
+def test_norms_fused_into_the_next_linear_are_scored_like_separate_norms(runtime, family, zero_centered):
+    # the Transformer Engine spec fuses input_layernorm into linear_qkv and pre_mlp_layernorm into
+    # linear_fc1: the hooks recompute the norm from the linear's input, with the same scores
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from megatron_prune.importance import collect_calibration_stats
+
+    kwargs = {} if family == "llama" else dict(family="gpt2", num_query_groups=4, add_bias_linear=True)
+    cfg, model = _model(runtime, **kwargs)
+    windows = _windows(4)
+    separate = collect_calibration_stats(model, runtime, windows, micro_batch_size=3)
+    normalization = "RMSNorm" if family == "llama" else "LayerNorm"
+    for layer in model.decoder.layers:
+        attn, mlp = layer.self_attention, layer.mlp
+        attn.linear_qkv = _FusedNormLinear(layer.input_layernorm, attn.linear_qkv, normalization,
+                                           cfg.norm_epsilon, zero_centered)
+        mlp.linear_fc1 = _FusedNormLinear(layer.pre_mlp_layernorm, mlp.linear_fc1, normalization,
+                                          cfg.norm_epsilon, zero_centered)
+        layer.input_layernorm, layer.pre_mlp_layernorm = IdentityOp(), IdentityOp()
+    fused = collect_calibration_stats(model, runtime, windows, micro_batch_size=3)
+    assert _rel(fused.hidden, separate.hidden) <= 1e-5
+    assert _rel(fused.heads, separate.heads) <= 1e-5 and _rel(fused.bi_sum, separate.bi_sum) <= 1e-5
