@@ -1,0 +1,99 @@
+"""Surgery on the shards equals pruning the full model: at TP1/PP1, TP2, PP2 and TP2xPP2 the pruned
+model's weights, gathered (in the test only), equal the reference `prune_full_state` applied to the
+full state dict, and the pruned model's logits equal those of a TP1 model loaded with that state.
+Width (hidden, FFN, heads within query groups, whole query groups), depth (layers moving between
+pipeline stages) and both together, for the llama (SwiGLU, GQA) and gpt2 (MHA, biases) families."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_prune.config import ParallelConfig
+from tests.helpers import random_full_state, tiny_config
+
+LAYOUTS = [(1, 1, 1), (2, 1, 2), (1, 2, 2), (2, 2, 4)]
+GPT2 = dict(family="gpt2", num_query_groups=4, add_bias_linear=True, add_qkv_bias=True, tie_embeddings=False)
+CASES = {  # name: (model overrides, target)
+    "llama-width": ({}, dict(hidden_size=48, ffn_hidden_size=96, num_attention_heads=2)),
+    "llama-depth": ({}, dict(drop_layers=[0, 1])),  # old layers 2, 3 -> new 0 (moves to stage 0), 1
+    "llama-both": ({}, dict(hidden_size=40, ffn_hidden_size=64, num_layers=2,
+                            depth_metric="block_importance_layer")),
+    "gpt2-groups": (GPT2, dict(num_attention_heads=2, num_query_groups=2, hidden_size=56, ffn_hidden_size=64)),
+}
+
+
+def _plan(name: str):
+    from megatron_prune.prune.plan import make_plan, random_scores
+    from megatron_prune.prune.targets import PruneTarget
+
+    overrides, target = CASES[name]
+    cfg = tiny_config(**overrides)
+    return cfg, make_plan(cfg, random_scores(cfg, seed=4), PruneTarget(**target), tp=2, pp=2)
+
+
+def _prune_at(tp: int, pp: int) -> dict:
+    from megatron_prune.models.build import build_model
+    from megatron_prune.models.forward import full_logits
+    from megatron_prune.models.shard import gather_full_state, load_full_state
+    from megatron_prune.prune.surgery import CommStats, apply_plan
+    from megatron_prune.runtime import init_runtime
+
+    groups = init_runtime(ParallelConfig(tp=tp, pp=pp))
+    out = {}
+    tokens = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    for name in CASES:
+        cfg, plan = _plan(name)
+        model = build_model(cfg, groups)
+        load_full_state(model, random_full_state(cfg, seed=2).__getitem__, groups)
+        before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        comm = CommStats()
+        pruned = apply_plan(model, plan, groups, comm)
+        unchanged = all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k in before)
+        out[name] = {"state": gather_full_state(pruned, groups), "logits": full_logits(pruned, groups, tokens),
+                     "source_unchanged": unchanged, "tp_bytes": comm.tp_bytes, "pp_bytes": comm.pp_bytes,
+                     "layer_numbers": [int(x.layer_number) for x in pruned.decoder.layers]}
+    return {"layout": groups.layout, "cases": out}
+
+
+def _reference_logits(cfg, state, tokens):
+    from megatron_prune.models.build import build_model
+    from megatron_prune.models.forward import full_logits
+    from megatron_prune.models.shard import load_full_state
+    from megatron_prune.runtime import init_runtime
+
+    groups = init_runtime(ParallelConfig(tp=1, pp=1))
+    model = build_model(cfg, groups)
+    load_full_state(model, state.__getitem__, groups)
+    return full_logits(model, groups, tokens)
+
+
+def _references(pools):
+    from megatron_prune.prune.indices import prune_full_state
+
+    refs = {}
+    tokens = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    for name in CASES:
+        cfg, plan = _plan(name)
+        state = prune_full_state(random_full_state(cfg, seed=2), plan)
+        refs[name] = (plan, state, pools.run(1, _reference_logits, plan.target, state, tokens)[0])
+    return refs
+
+
+def test_surgery_equals_pruning_the_full_model_at_every_layout(pools):
+    refs = _references(pools)
+    for tp, pp, world in LAYOUTS:
+        for rank, got in enumerate(pools.run(world, _prune_at, tp, pp)):
+            for name, (plan, state, logits) in refs.items():
+                case, where = got["cases"][name], f"{name} {got['layout']} rank {rank}"
+                assert set(case["state"]) == set(state), where
+                for key, ref in state.items():
+                    assert torch.equal(case["state"][key], ref), (where, key)
+                assert torch.allclose(case["logits"], logits, rtol=1e-5, atol=1e-5), where
+                assert case["source_unchanged"], where
+                stage_layers = plan.target.num_layers // pp
+                first = (rank // tp) % pp * stage_layers if world > 1 else 0
+                assert case["layer_numbers"] == list(range(first + 1, first + stage_layers + 1)), where
+                if tp > 1 and name != "llama-depth":
+                    assert case["tp_bytes"] > 0, where  # rows did change owner
+                if pp > 1 and name == "llama-depth" and rank // tp % pp == 1:
+                    assert case["pp_bytes"] > 0, where  # old layer 2 moved from stage 1 to stage 0
