@@ -16,6 +16,8 @@ STAGES: dict[str, tuple[str, str]] = {
                  "validation perplexity and zero-shot multiple-choice accuracy at any TP/PP/DP"),
     "score": ("megatron_prune.cli.score",
               "activation importance of heads, neurons, channels and layers -> importance artifact"),
+    "prune": ("megatron_prune.cli.prune",
+              "width / depth pruning of the sharded weights in place, from an importance artifact -> checkpoint"),
     "export": ("megatron_prune.cli.export",
                "megatron checkpoint (any layout) -> HF safetensors directory for transformers"),
 }

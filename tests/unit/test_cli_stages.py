@@ -115,3 +115,61 @@ def test_score_at_pp2_writes_the_artifact_pictures_and_a_wandb_run(made, tmp_pat
     for name in ("heads", "neurons", "layers"):
         assert any(f.startswith(f"files/media/images/score/{name}_") and f.endswith(".png") for f in run.files)
     assert run.summary["score/samples"] == 8
+
+
+def _megatron_logits(ckpt, tokens):
+    from megatron_prune import checkpoint
+    from megatron_prune.config import ParallelConfig
+    from megatron_prune.models.build import build_model
+    from megatron_prune.models.forward import full_logits
+    from megatron_prune.runtime import init_runtime
+
+    groups = init_runtime(ParallelConfig(tp=1, pp=1))
+    model = build_model(checkpoint.read_model_config(ckpt), groups)
+    checkpoint.load_checkpoint(model, ckpt)
+    return full_logits(model, groups, tokens)
+
+
+def test_score_prune_at_tp2_then_reload_and_export(made, tmp_path):
+    """score -> prune at TP2 (activation importance) -> the checkpoint reloads at TP1 and PP2 and
+    exports to transformers with the same logits; the plan and the parameter count are recorded."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_prune.models.params import count_parameters
+    from megatron_prune.prune.plan import PrunePlan
+
+    root, cache = made["root"], made["cache"]
+    data, ckpt, imp, pruned = (tmp_path / n for n in ("data", "ckpt", "imp", "pruned"))
+    assert run_cli(["prepare-data", f"data.source={made['texts']}", f"data.tokenizer_dir={made['tokenizer']}",
+                    f"data.output_dir={data}", "data.task_examples=0"], root, cache).returncode == 0
+    assert run_cli(["convert", f"source={made['hf']}", f"output={ckpt}", "logger=none"], root, cache).returncode == 0
+    proc = run_cli(["score", f"checkpoint={ckpt}", f"data_dir={data}", f"output={imp}", "seq_length=16",
+                    "max_samples=8", "micro_batch_size=2", "depth.accuracy=false", "logger=none"], root, cache)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli(["prune", f"checkpoint={ckpt}", f"importance={imp}", f"output={pruned}", "parallel.tp=2",
+                    "prune.target.hidden_size=24", "prune.target.ffn_hidden_size=32",
+                    "prune.target.num_attention_heads=2", f"logger.dir={tmp_path}"], root, cache, nproc=2)
+    assert proc.returncode == 0, proc.stderr
+    assert "hidden_size" in proc.stdout and "18,592" in proc.stdout  # the architecture table
+    plan = PrunePlan.load(pruned / "plan.json")
+    assert (plan.target.hidden_size, plan.target.ffn_hidden_size, plan.target.num_attention_heads) == (24, 32, 2)
+    assert plan.importance == "activation" and plan.parameters["after"] == count_parameters(plan.target)
+    provenance = json.loads((pruned / "provenance.json").read_text())
+    assert provenance["stage"] == "prune" and provenance["written_at_layout"] == "tp2-pp1-dp1"
+    (run_file,) = find_runs(str(tmp_path))
+    assert read_run(run_file).summary["prune/parameters_after"] == plan.parameters["after"]
+
+    result = tmp_path / "eval.json"
+    proc = run_cli(["evaluate", f"checkpoint={pruned}", f"data_dir={data}", "parallel.pp=2", "seq_length=16",
+                    "task=none", f"output={result}", "logger=none"], root, cache, nproc=2)
+    assert proc.returncode == 0, proc.stderr
+    hf_out = tmp_path / "pruned-hf"
+    assert run_cli(["export", f"checkpoint={pruned}", f"output={hf_out}"], root, cache).returncode == 0
+    exported = AutoModelForCausalLM.from_pretrained(str(hf_out), dtype=torch.float32).eval()
+    assert json.loads((hf_out / "config.json").read_text())["head_dim"] == 8  # 24 / 2 heads would be 12
+    assert sum(p.numel() for p in exported.parameters()) == plan.parameters["after"]
+    tokens = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    ours = _megatron_logits(pruned, tokens)
+    with torch.no_grad():
+        theirs = exported(tokens).logits
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5)
