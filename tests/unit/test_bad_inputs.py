@@ -161,6 +161,10 @@ def inputs(tmp_path_factory):
     assert (d["ckpt"] / "COMPLETE").is_file()
     shards = sorted((d["ckpt"] / "model").glob("*.distcp"))
 
+    d["importance"] = root / "importance"
+    proc = run_cli(["score", *_score_args(d, d["importance"]), "max_samples=4", "logger=none"], root, cache)
+    assert proc.returncode == 0, proc.stderr
+
     d["ckpt_truncated"] = root / "ckpt-truncated"
     shutil.copytree(d["ckpt"], d["ckpt_truncated"])
     cut = d["ckpt_truncated"] / "model" / shards[0].name
@@ -430,6 +434,54 @@ def test_score_into_its_checkpoint_is_refused(refusal, inputs, tmp_path):
     r = refusal(inputs["ckpt"], inputs["data"])
     out = inputs["ckpt"] / "importance"
     r.run("score", _score_args(inputs, out), out, "overlaps checkpoint=")
+
+
+# --------------------------------------------------------------------------------------------------
+# prune
+
+
+def _prune_args(inputs, out: Path, *extra: str, importance: str = "random") -> list[str]:
+    return [f"checkpoint={inputs['ckpt']}", f"importance={inputs['importance']}", f"output={out}",
+            f"prune.importance={importance}", "prune.target.hidden_size=null", "prune.target.ffn_hidden_size=null",
+            *extra]
+
+
+@pytest.mark.parametrize("override,needles", [
+    ("prune.target.hidden_size=64", ("hidden_size=64", "32")),  # larger than the model
+    ("prune.target.ffn_hidden_size=0", ("ffn_hidden_size=0",)),  # an empty keep-set
+    ("prune.target.num_attention_heads=3", ("num_attention_heads=3", "num_query_groups")),
+    ("prune.target.num_layers=3", ("num_layers=3",)),
+], ids=["larger", "empty", "heads-per-group", "more-layers"])
+def test_prune_bad_target_is_refused(refusal, inputs, tmp_path, override, needles):
+    r = refusal(inputs["ckpt"], inputs["importance"])
+    out = tmp_path / "pruned"
+    r.run("prune", _prune_args(inputs, out, override), out, *needles)
+
+
+def test_prune_target_the_tp_size_does_not_divide_is_refused(refusal, inputs, tmp_path):
+    r = refusal(inputs["ckpt"])
+    out = tmp_path / "pruned"
+    r.run("prune", _prune_args(inputs, out, "prune.target.ffn_hidden_size=31", "parallel.tp=2"), out,
+          "parallel.tp=2", "ffn_hidden_size=31", nproc=2)
+
+
+def test_prune_with_an_artifact_of_another_checkpoint_is_refused(refusal, inputs, tmp_path):
+    # same architecture, other weights: the artifact's recorded checkpoint hash does not match
+    r = refusal(inputs["ckpt_corrupt"], inputs["importance"])
+    out = tmp_path / "pruned"
+    args = _prune_args(inputs, out, "prune.target.hidden_size=24", importance="activation")
+    args[0] = f"checkpoint={inputs['ckpt_corrupt']}"
+    r.run("prune", args, out, "another checkpoint", "sha256")
+
+
+def test_prune_activation_without_an_artifact_is_refused(refusal, inputs, tmp_path):
+    r = refusal(inputs["ckpt"])
+    out = tmp_path / "pruned"
+    small = ["prune.target.hidden_size=24", "prune.target.ffn_hidden_size=null"]
+    r.run("prune", [f"checkpoint={inputs['ckpt']}", "importance=null", f"output={out}", *small], out,
+          "needs importance=")
+    r.run("prune", [f"checkpoint={inputs['ckpt']}", f"importance={tmp_path / 'nope'}", f"output={out}", *small],
+          out, f"importance={tmp_path / 'nope'} is not a directory")
 
 
 # --------------------------------------------------------------------------------------------------
