@@ -31,6 +31,31 @@ def _plan(name: str):
     return cfg, make_plan(cfg, random_scores(cfg, seed=4), PruneTarget(**target), tp=2, pp=2)
 
 
+def _train_step(model, groups) -> tuple[float, bool]:
+    """One forward-backward through megatron's schedule (1F1B with PP) and one Adam step: the pruned
+    model is an ordinary megatron model. Returns (loss on the last stage or nan, weights changed)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    labels, position = tokens.roll(-1, 1), torch.arange(9).expand(2, 9)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+
+    def step(data_iterator, module):
+        next(data_iterator)
+        out = module(tokens, position, None, labels=labels)  # [b, s] per-token loss on the last stage
+        return out, lambda o: (o.float().mean(), {"loss": o.float().mean().detach()})
+
+    losses = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([0]), model=[model],
+                                         num_microbatches=1, seq_length=9, micro_batch_size=2,
+                                         forward_only=False)
+    optimizer.step()
+    changed = any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    loss = float(losses[0]["loss"]) if losses else float("nan")
+    return loss, changed
+
+
 def _prune_at(tp: int, pp: int) -> dict:
     from megatron_prune.models.build import build_model
     from megatron_prune.models.forward import full_logits
@@ -51,7 +76,8 @@ def _prune_at(tp: int, pp: int) -> dict:
         unchanged = all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k in before)
         out[name] = {"state": gather_full_state(pruned, groups), "logits": full_logits(pruned, groups, tokens),
                      "source_unchanged": unchanged, "tp_bytes": comm.tp_bytes, "pp_bytes": comm.pp_bytes,
-                     "layer_numbers": [int(x.layer_number) for x in pruned.decoder.layers]}
+                     "layer_numbers": [int(x.layer_number) for x in pruned.decoder.layers],
+                     "train": _train_step(pruned, groups)}
     return {"layout": groups.layout, "cases": out}
 
 
@@ -90,6 +116,11 @@ def test_surgery_equals_pruning_the_full_model_at_every_layout(pools):
                     assert torch.equal(case["state"][key], ref), (where, key)
                 assert torch.allclose(case["logits"], logits, rtol=1e-5, atol=1e-5), where
                 assert case["source_unchanged"], where
+                assert sum(t.numel() for t in case["state"].values()) == plan.parameters["after"], where
+                loss, changed = case["train"]
+                assert changed, where  # every rank's shard took an optimizer step
+                if rank // tp % pp == pp - 1:
+                    assert 0 < loss < 20, (where, loss)  # the last stage computed a real LM loss
                 stage_layers = plan.target.num_layers // pp
                 first = (rank // tp) % pp * stage_layers if world > 1 else 0
                 assert case["layer_numbers"] == list(range(first + 1, first + stage_layers + 1)), where
