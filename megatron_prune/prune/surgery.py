@@ -69,7 +69,8 @@ def _exchange(local: torch.Tensor, keep: torch.Tensor, n_old: int, swiglu: bool,
     row = local[0].numel() if local.shape[0] else int(torch.tensor(local.shape[1:]).prod())
     send_buf = torch.cat([local.index_select(0, idx) for idx in send]).reshape(-1)
     recv_buf = torch.empty(sum(recv_counts) * row, dtype=local.dtype)
-    comm.tp_bytes += send_buf.numel() * send_buf.element_size()
+    # what crosses the wire: the rows a rank keeps for itself are copied locally by the collective
+    comm.tp_bytes += (send_buf.numel() - int(send[me].numel()) * row) * send_buf.element_size()
     dist.all_to_all_single(recv_buf, send_buf.contiguous(), [c * row for c in recv_counts],
                            [int(i.numel()) * row for i in send], group=groups.tp)
     out = torch.empty(mine.numel(), *local.shape[1:], dtype=local.dtype)

@@ -108,7 +108,10 @@ def _references(pools):
 def test_surgery_equals_pruning_the_full_model_at_every_layout(pools):
     refs = _references(pools)
     for tp, pp, world in LAYOUTS:
-        for rank, got in enumerate(pools.run(world, _prune_at, tp, pp)):
+        per_rank = pools.run(world, _prune_at, tp, pp)
+        if tp > 1:  # some kept rows changed owner across the TP ranks and were exchanged
+            assert any(got["cases"][n]["tp_bytes"] > 0 for got in per_rank for n in CASES), (tp, pp)
+        for rank, got in enumerate(per_rank):
             for name, (plan, state, logits) in refs.items():
                 case, where = got["cases"][name], f"{name} {got['layout']} rank {rank}"
                 assert set(case["state"]) == set(state), where
@@ -124,7 +127,7 @@ def test_surgery_equals_pruning_the_full_model_at_every_layout(pools):
                 stage_layers = plan.target.num_layers // pp
                 first = (rank // tp) % pp * stage_layers if world > 1 else 0
                 assert case["layer_numbers"] == list(range(first + 1, first + stage_layers + 1)), where
-                if tp > 1 and name != "llama-depth":
-                    assert case["tp_bytes"] > 0, where  # rows did change owner
+                if tp == 1:
+                    assert case["tp_bytes"] == 0, where  # nothing crosses a wire within one rank
                 if pp > 1 and name == "llama-depth" and rank // tp % pp == 1:
                     assert case["pp_bytes"] > 0, where  # old layer 2 moved from stage 1 to stage 0
