@@ -163,14 +163,14 @@ def select_dropped_layers(scores: ImportanceScores, metric: str, num_drop: int, 
     """The global indices of the `num_drop` layers to remove, by the named depth metric."""
     m = _DEPTH[metric]
     if m.key not in scores.depth:
-        raise ConfigError(f"target.depth_metric={metric} needs the importance score depth/{m.key}, which the "
+        raise ConfigError(f"prune.target.depth_metric={metric} needs the importance score depth/{m.key}, which the "
                           f"artifact lacks; it is written by {m.produced_by} in `megatron-prune score`")
     values = scores.depth[m.key]
     weakness = values if m.drop_highest else -values  # higher = more removable
     if m.unit == "block":
         if num_drop != scores.block_size:
             raise ConfigError(
-                f"target.depth_metric={metric} drops one block of {num_drop} layers (num_layers "
+                f"prune.target.depth_metric={metric} drops one block of {num_drop} layers (num_layers "
                 f"{num_layers} -> {num_layers - num_drop}), but the artifact scored blocks of "
                 f"depth.block_size={scores.block_size}; rerun `megatron-prune score` with "
                 f"depth.block_size={num_drop}, or use depth_metric=block_importance_block")

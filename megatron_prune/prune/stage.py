@@ -46,6 +46,13 @@ def validate_prune_settings(s: PruneSettings, tp: int, pp: int) -> Checked:
     ckpt = checkpoint.validate_checkpoint(s.checkpoint)
     cfg = checkpoint.read_model_config(ckpt)
     target = target_config(cfg, s.recipe.target, tp=tp, pp=pp)
+    if (s.recipe.importance == "magnitude" and s.recipe.target.drop_layers is None
+            and target.num_layers < cfg.num_layers):
+        # weight norms rank width units only; layers need a loss, accuracy or BI measured by `score`
+        raise ConfigError(f"prune.importance=magnitude has no depth scores, so prune.target.num_layers="
+                          f"{target.num_layers} cannot choose which of {cfg.num_layers} layers to drop; name "
+                          "them with prune.target.drop_layers=[...], or use prune.importance=activation with "
+                          "a `megatron-prune score` artifact")
     artifact = None
     if s.recipe.importance == "activation":
         if not s.importance:

@@ -91,10 +91,10 @@ def _axis(target: PruneTarget, source: ModelConfig, name: str) -> int:
     if new is None:
         return old
     if new > old:
-        raise ConfigError(f"target.{name}={new} is larger than {source.name}'s {name}={old}; pruning "
+        raise ConfigError(f"prune.target.{name}={new} is larger than {source.name}'s {name}={old}; pruning "
                           f"only removes: use a value <= {old}, or null to keep the axis")
     if new <= 0:
-        raise ConfigError(f"target.{name}={new} would keep nothing; use a value in [1, {old}], "
+        raise ConfigError(f"prune.target.{name}={new} would keep nothing; use a value in [1, {old}], "
                           "or null to keep the axis")
     return new
 
@@ -114,16 +114,16 @@ def _heads_and_groups(target: PruneTarget, source: ModelConfig) -> tuple[int, in
     new_h, new_g = _axis(t, source, "num_attention_heads"), _axis(t, source, "num_query_groups")
     if r == 1 and new_h != new_g:
         raise ConfigError(
-            f"target.num_attention_heads={new_h} != target.num_query_groups={new_g}, but {source.name} "
+            f"prune.target.num_attention_heads={new_h} != prune.target.num_query_groups={new_g}, but {source.name} "
             "uses multi-head attention (one head per query group), so heads and groups are pruned "
             "together: give both the same value, or only one of them")
     if new_h % new_g:
         raise ConfigError(
-            f"target.num_attention_heads={new_h} is not divisible by target.num_query_groups={new_g}; "
+            f"prune.target.num_attention_heads={new_h} is not divisible by prune.target.num_query_groups={new_g}; "
             "every query group keeps the same number of heads: choose a multiple of num_query_groups")
     if new_h // new_g > r:
         raise ConfigError(
-            f"target.num_attention_heads={new_h} with num_query_groups={new_g} means {new_h // new_g} "
+            f"prune.target.num_attention_heads={new_h} with num_query_groups={new_g} means {new_h // new_g} "
             f"heads per group, but {source.name} has {r} (num_attention_heads={H} / num_query_groups={G}) "
             f"and a group cannot gain heads: use num_attention_heads <= {new_g * r}")
     return new_h, new_g
@@ -132,13 +132,13 @@ def _heads_and_groups(target: PruneTarget, source: ModelConfig) -> tuple[int, in
 def _check_drop_layers(drop: list[int], num_layers: int) -> None:
     for i in drop:
         if not 0 <= i < num_layers:
-            raise ConfigError(f"target.drop_layers contains {i}, outside the source's layers "
+            raise ConfigError(f"prune.target.drop_layers contains {i}, outside the source's layers "
                               f"0..{num_layers - 1}; give global layer indices")
     dupes = sorted({i for i in drop if drop.count(i) > 1})
     if dupes:
-        raise ConfigError(f"target.drop_layers lists layers {dupes} more than once; list each layer once")
+        raise ConfigError(f"prune.target.drop_layers lists layers {dupes} more than once; list each layer once")
     if len(drop) >= num_layers:
-        raise ConfigError(f"target.drop_layers drops all {num_layers} layers, which keeps nothing; "
+        raise ConfigError(f"prune.target.drop_layers drops all {num_layers} layers, which keeps nothing; "
                           "keep at least one layer")
 
 
@@ -151,14 +151,14 @@ def _check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
         value = getattr(cfg, name)
         if value % tp:
             raise ConfigError(
-                f"parallel.tp={tp} does not divide target.{name}={value}; choose a target that is a "
+                f"parallel.tp={tp} does not divide prune.target.{name}={value}; choose a target that is a "
                 f"multiple of {tp} (e.g. {value - value % tp or tp}) or a parallel.tp that divides {value}")
     if cfg.vocab_size % tp:  # pruning keeps the vocabulary
         raise ConfigError(f"parallel.tp={tp} does not divide model.vocab_size={cfg.vocab_size} (pruning keeps "
                           "the vocabulary); choose a parallel.tp that divides it")
     if cfg.num_layers % pp:
         raise ConfigError(
-            f"parallel.pp={pp} does not divide target.num_layers={cfg.num_layers}; choose a target "
+            f"parallel.pp={pp} does not divide prune.target.num_layers={cfg.num_layers}; choose a target "
             f"num_layers that is a multiple of {pp} or a parallel.pp that divides {cfg.num_layers}")
 
 
@@ -167,10 +167,10 @@ def target_config(source: ModelConfig, target: PruneTarget, *, tp: int = 1, pp: 
     vocabulary are kept; the name gets a "-pruned" suffix."""
     source.validate("model")
     if target.num_layers is not None and target.drop_layers is not None:
-        raise ConfigError("target.num_layers and target.drop_layers are both set; give one: num_layers "
-                          "picks the layers by target.depth_metric, drop_layers names them")
+        raise ConfigError("prune.target.num_layers and prune.target.drop_layers are both set; give one: num_layers "
+                          "picks the layers by prune.target.depth_metric, drop_layers names them")
     if target.depth_metric not in DEPTH_METRICS:
-        raise ConfigError(f"target.depth_metric={target.depth_metric!r} is not known; use one of {DEPTH_METRICS}")
+        raise ConfigError(f"prune.target.depth_metric={target.depth_metric!r} is not known; use one of {DEPTH_METRICS}")
     if target.drop_layers is not None:
         _check_drop_layers(list(target.drop_layers), source.num_layers)
         num_layers = source.num_layers - len(target.drop_layers)

@@ -447,8 +447,8 @@ def _prune_args(inputs, out: Path, *extra: str, importance: str = "random") -> l
 
 
 @pytest.mark.parametrize("override,needles", [
-    ("prune.target.hidden_size=64", ("hidden_size=64", "32")),  # larger than the model
-    ("prune.target.ffn_hidden_size=0", ("ffn_hidden_size=0",)),  # an empty keep-set
+    ("prune.target.hidden_size=64", ("prune.target.hidden_size=64", "32")),  # larger than the model
+    ("prune.target.ffn_hidden_size=0", ("prune.target.ffn_hidden_size=0",)),  # an empty keep-set
     ("prune.target.num_attention_heads=3", ("num_attention_heads=3", "num_query_groups")),
     ("prune.target.num_layers=3", ("num_layers=3",)),
 ], ids=["larger", "empty", "heads-per-group", "more-layers"])
@@ -456,6 +456,14 @@ def test_prune_bad_target_is_refused(refusal, inputs, tmp_path, override, needle
     r = refusal(inputs["ckpt"], inputs["importance"])
     out = tmp_path / "pruned"
     r.run("prune", _prune_args(inputs, out, override), out, *needles)
+
+
+def test_prune_magnitude_depth_without_named_layers_is_refused(refusal, inputs, tmp_path):
+    # weight norms give no layer scores: the refusal must say how to name the layers instead
+    r = refusal(inputs["ckpt"], inputs["importance"])
+    out = tmp_path / "pruned"
+    r.run("prune", _prune_args(inputs, out, "prune.target.num_layers=1", importance="magnitude"), out,
+          "prune.importance=magnitude", "prune.target.drop_layers")
 
 
 def test_prune_target_the_tp_size_does_not_divide_is_refused(refusal, inputs, tmp_path):

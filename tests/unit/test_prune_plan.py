@@ -150,22 +150,22 @@ def test_a_missing_depth_metric_names_it_and_the_score_option(metric, option):
 # ---- refusals -----------------------------------------------------------------------------------
 
 REFUSALS = [  # (source overrides, target, tp, pp, the message names)
-    ({}, dict(hidden_size=128), 1, 1, r"target\.hidden_size=128 is larger"),
-    ({}, dict(ffn_hidden_size=0), 1, 1, r"target\.ffn_hidden_size=0 would keep nothing"),
-    ({}, dict(num_layers=-1), 1, 1, r"target\.num_layers=-1 would keep nothing"),
-    ({}, dict(num_attention_heads=3), 1, 1, r"target\.num_attention_heads=3 is not divisible"),
-    ({}, dict(num_attention_heads=4, num_query_groups=1), 1, 1, r"target\.num_attention_heads=4 .*cannot gain"),
+    ({}, dict(hidden_size=128), 1, 1, r"prune\.target\.hidden_size=128 is larger"),
+    ({}, dict(ffn_hidden_size=0), 1, 1, r"prune\.target\.ffn_hidden_size=0 would keep nothing"),
+    ({}, dict(num_layers=-1), 1, 1, r"prune\.target\.num_layers=-1 would keep nothing"),
+    ({}, dict(num_attention_heads=3), 1, 1, r"prune\.target\.num_attention_heads=3 is not divisible"),
+    ({}, dict(num_attention_heads=4, num_query_groups=1), 1, 1, r"prune\.target\.num_attention_heads=4 .*cannot gain"),
     (dict(family="gpt2", num_query_groups=4), dict(num_attention_heads=2, num_query_groups=1), 1, 1,
-     r"target\.num_attention_heads=2 != target\.num_query_groups=1"),
-    ({}, dict(ffn_hidden_size=127), 2, 1, r"parallel\.tp=2 does not divide target\.ffn_hidden_size=127"),
-    ({}, dict(num_query_groups=1), 2, 1, r"parallel\.tp=2 does not divide target\.num_query_groups=1"),
+     r"prune\.target\.num_attention_heads=2 != prune\.target\.num_query_groups=1"),
+    ({}, dict(ffn_hidden_size=127), 2, 1, r"parallel\.tp=2 does not divide prune\.target\.ffn_hidden_size=127"),
+    ({}, dict(num_query_groups=1), 2, 1, r"parallel\.tp=2 does not divide prune\.target\.num_query_groups=1"),
     (dict(vocab_size=257), {}, 2, 1, r"model\.vocab_size=257"),
-    ({}, dict(num_layers=3), 1, 2, r"parallel\.pp=2 does not divide target\.num_layers=3"),
-    ({}, dict(num_layers=3, drop_layers=[0]), 1, 1, r"target\.num_layers and target\.drop_layers"),
-    ({}, dict(drop_layers=[4]), 1, 1, r"target\.drop_layers contains 4"),
-    ({}, dict(drop_layers=[1, 1]), 1, 1, r"target\.drop_layers lists layers \[1\] more than once"),
-    ({}, dict(drop_layers=[0, 1, 2, 3]), 1, 1, r"target\.drop_layers drops all 4 layers"),
-    ({}, dict(num_layers=2, depth_metric="perplexity"), 1, 1, r"target\.depth_metric='perplexity'"),
+    ({}, dict(num_layers=3), 1, 2, r"parallel\.pp=2 does not divide prune\.target\.num_layers=3"),
+    ({}, dict(num_layers=3, drop_layers=[0]), 1, 1, r"prune\.target\.num_layers and prune\.target\.drop_layers"),
+    ({}, dict(drop_layers=[4]), 1, 1, r"prune\.target\.drop_layers contains 4"),
+    ({}, dict(drop_layers=[1, 1]), 1, 1, r"prune\.target\.drop_layers lists layers \[1\] more than once"),
+    ({}, dict(drop_layers=[0, 1, 2, 3]), 1, 1, r"prune\.target\.drop_layers drops all 4 layers"),
+    ({}, dict(num_layers=2, depth_metric="perplexity"), 1, 1, r"prune\.target\.depth_metric='perplexity'"),
 ]
 
 
