@@ -39,29 +39,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 # measure this source tree, not whatever copy of the package is installed
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench._common import cpu_cores, run_worker_job, smollm2_dir, threads_per_rank  # noqa: E402
 
 GOAL = 1.05
 NOISY_SPREAD = 1.25  # slowest / fastest repeat above this: the machine was not quiet
 ACT_BYTES = 4  # fp32 activations (params_dtype=float32 in models/build.py)
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def threads_per_rank(nproc: int, cores: int) -> int:
-    return max(1, cores // nproc)
 
 
 def allgather_bytes(widths: list[int], micro_batch_size: int, *, local_layers: int, heads_local: int,
@@ -233,26 +221,11 @@ def worker(a) -> None:
 # parent: one torchrun job per layout, then the table and the JSON line
 # ------------------------------------------------------------------------------------------------
 def run_layout(a, tp: int, cores: int, workdir: str) -> dict:
-    out = os.path.join(workdir, f"tp{tp}.json")
-    threads = threads_per_rank(tp, cores)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
-           os.path.abspath(__file__), "--worker", f"--worker-tp={tp}", f"--out={out}",
-           f"--hf-dir={a.hf_dir}", f"--data-dir={a.data_dir}", f"--samples={a.samples}",
-           f"--seq-length={a.seq_length}", f"--micro-batch-size={a.micro_batch_size}",
-           f"--microbatches-per-call={a.microbatches_per_call}", f"--repeats={a.repeats}"]
-    t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0 or not os.path.isfile(out):
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise RuntimeError(f"TP{tp} worker failed (rc={proc.returncode}):\n{tail}")
-    with open(out, encoding="utf-8") as f:
-        got = json.load(f)
-    got["job_s"] = time.perf_counter() - t0
-    got["loadavg_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # before, after the job
-    got["cores"] = cores
-    return got
+    return run_worker_job(__file__, tp, [
+        f"--worker-tp={tp}", f"--hf-dir={a.hf_dir}", f"--data-dir={a.data_dir}", f"--samples={a.samples}",
+        f"--seq-length={a.seq_length}", f"--micro-batch-size={a.micro_batch_size}",
+        f"--microbatches-per-call={a.microbatches_per_call}", f"--repeats={a.repeats}"],
+        os.path.join(workdir, f"tp{tp}.json"), cores, f"TP{tp}")
 
 
 def summarize(r: dict) -> dict:
@@ -303,16 +276,11 @@ def main(argv=None) -> dict:
     from megatron_prune.convert.hf_io import model_config_from_hf_dir
     from megatron_prune.models.build import check_divisibility
 
-    if a.hf_dir is None:
-        from megatron_prune.assets import smollm2_cache_dir
-
-        a.hf_dir = str(smollm2_cache_dir())
+    a.hf_dir = smollm2_dir(a.hf_dir)
     if a.data_dir is None:
         a.data_dir = str(cache_root() / "data" / "shakespeare-smollm2")
-    for path, what in ((os.path.join(a.hf_dir, "config.json"), "model"),
-                       (os.path.join(a.data_dir, "manifest.json"), "data")):
-        if not os.path.isfile(path):
-            raise SystemExit(f"{what} not found at {path}. Fix: run `python -m megatron_prune assets`.")
+    if not os.path.isfile(os.path.join(a.data_dir, "manifest.json")):
+        raise SystemExit(f"data not found at {a.data_dir}. Fix: run `python -m megatron_prune assets`.")
     cfg = model_config_from_hf_dir(a.hf_dir)
     try:  # the layout the issue asked for, TP2, and why it is not measured
         check_divisibility(cfg, 2, 1)

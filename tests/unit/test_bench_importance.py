@@ -3,23 +3,16 @@ collect_calibration_stats runs them, and the summary of a (fake) worker result. 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
+import importlib
 
 import numpy as np
 import pytest
 
 from megatron_prune.data.loaders import windows_from_documents
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "importance.py")
-
-
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_importance", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.importance")  # the script, imported from the repository root
 
 
 def test_defaults_measure_tp1_and_tp3(bench):

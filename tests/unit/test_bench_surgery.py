@@ -3,21 +3,14 @@ the pipeline moves, the RSS / wire counters and the summary of a (fake) worker r
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
+import importlib
 
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "surgery.py")
-
-
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_surgery", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.surgery")  # the script, imported from the repository root
 
 
 def test_defaults_measure_tp1_tp3_pp2_width_and_both(bench):
