@@ -96,11 +96,24 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[Path], None],
     return final
 
 
+_SHA256_CACHE: dict[tuple, str] = {}
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, computed once per process while the file is unchanged (same inode,
+    size and mtime): a stage checks an input's hash before start-up and again for its provenance."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _SHA256_CACHE:
+        return _SHA256_CACHE[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    # a file written in the last seconds could change again within the clock's granularity and
+    # keep its mtime (git's "racily clean" case): only older files are remembered
+    if time.time_ns() - st.st_mtime_ns > 2_000_000_000:
+        _SHA256_CACHE[key] = h.hexdigest()
     return h.hexdigest()
 
 
