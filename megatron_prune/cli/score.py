@@ -48,19 +48,18 @@ def _body(cfg, groups, logger):
     metrics = {"score/samples": meta["samples"], "score/tokens": meta["tokens"],
                "score/bytes_sent_rank0": meta["communication"]["bytes_sent_rank0"]}
     depth = meta["depth"]
-    if "loss" in depth:
+    k = cfg.depth.block_size
+    if "loss" in depth:  # the block whose removal raises the loss least / keeps the most accuracy
         inc = t["depth/lm_loss_increase_block"]
         j = int(inc.argmin())
-        rows.append([f"cheapest block of {cfg.depth.block_size} (LM loss)",
-                     f"layers {j}..{j + cfg.depth.block_size - 1}: {float(inc[j]):+.4f} over "
-                     f"{depth['loss']['base_loss']:.4f}"])
+        rows.append([f"cheapest block of {k} (LM loss)", f"layers {j}..{j + k - 1}: {float(inc[j]):+.4f} "
+                     f"over {depth['loss']['base_loss']:.4f}"])
         metrics["score/base_loss"] = depth["loss"]["base_loss"]
     if "accuracy" in depth:
         acc = t["depth/mc_acc_block"]
         j = int(acc.argmax())
-        rows.append([f"cheapest block of {cfg.depth.block_size} (MC acc)",
-                     f"layers {j}..{j + cfg.depth.block_size - 1}: {float(acc[j]):.3f} vs "
-                     f"{depth['accuracy']['base_acc']:.3f}"])
+        rows.append([f"cheapest block of {k} (MC acc)", f"layers {j}..{j + k - 1}: {float(acc[j]):.3f} "
+                     f"vs {depth['accuracy']['base_acc']:.3f}"])
         metrics["score/base_mc_acc"] = depth["accuracy"]["base_acc"]
     for name, sec in result.seconds.items():
         rows.append([f"time: {name}", f"{sec:.1f} s"])

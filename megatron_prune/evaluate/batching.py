@@ -14,7 +14,7 @@ padding cannot change the loss of a real target (it only saves compute when rows
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -61,30 +61,39 @@ def local_row_sums(model: torch.nn.Module, groups: Groups, windows: TokenWindows
     Filler rows are included with sample_id -1 (they have no targets, so they add nothing to a sum).
     Identical on every TP/PP rank of a model replica; the caller reduces over `groups.dp`.
     """
+    ids, sums = [], []
+    for chunk in forward_chunks(windows, micro_batch_size, groups, microbatches_per_call, desc, show_progress):
+        out = run_forward(model, groups, trimmed_batches(chunk), masked_loss_sums, width=2,
+                          with_labels=True)  # [len(chunk) * b, 2]
+        ids.append(torch.cat([c.sample_ids for c in chunk]))
+        sums.append(out.to(torch.float64))
+    if not ids:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, 2, dtype=torch.float64)
+    return torch.cat(ids), torch.cat(sums)
+
+
+def forward_chunks(windows: TokenWindows, micro_batch_size: int, groups: Groups, microbatches_per_call: int,
+                   desc: str, show_progress: bool) -> Iterator[list[TokenWindows]]:
+    """This DP rank's micro-batches, `microbatches_per_call` at a time (the last call may hold fewer):
+    what one `run_forward` (one pass of megatron's schedule) takes. Every rank gets the same number of
+    calls. A rank-0 progress bar advances by micro-batches as each chunk comes back."""
     if microbatches_per_call < 1:
         raise ConfigError(f"microbatches_per_call={microbatches_per_call} must be >= 1")
     total = num_microbatches(len(windows), micro_batch_size, groups.dp_size)
     bar = progress_bar(total, desc, enabled=show_progress and groups.is_rank0)
-    ids, sums = [], []
     chunk: list[TokenWindows] = []
     try:
         for i, mb in enumerate(iter_microbatches(windows, micro_batch_size, dp_rank=groups.dp_rank,
                                                  dp_size=groups.dp_size)):
             chunk.append(mb)
             if len(chunk) == microbatches_per_call or i == total - 1:
-                out = run_forward(model, groups, trimmed_batches(chunk), masked_loss_sums, width=2,
-                                  with_labels=True)  # [len(chunk) * b, 2]
-                ids.append(torch.cat([c.sample_ids for c in chunk]))
-                sums.append(out.to(torch.float64))
+                yield chunk
                 if bar is not None:
                     bar.update(len(chunk))
                 chunk = []
     finally:
         if bar is not None:
             bar.close()
-    if not ids:
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, 2, dtype=torch.float64)
-    return torch.cat(ids), torch.cat(sums)
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> Optional["tqdm"]:  # noqa: F821

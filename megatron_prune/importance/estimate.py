@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_prune.config import ConfigError
-from megatron_prune.data.loaders import TokenWindows, iter_microbatches, num_microbatches
+from megatron_prune.data.loaders import TokenWindows
 from megatron_prune.importance.hooks import ACTIVATIONS, LocalStats, TokenMask, record_activations
 from megatron_prune.importance.reduce import CalibrationStats, CommCounter, reduce_calibration_stats
 from megatron_prune.importance.width import (DEFAULT_BATCH, DEFAULT_SEQUENCE, WidthScores,
@@ -54,33 +54,19 @@ def collect_calibration_stats(model: torch.nn.Module, groups: Groups, windows: T
                               backend: str = "auto") -> CalibrationStats:
     """Forward-only over this DP rank's share of `windows` (the same windows on every rank), hooks
     on; returns the reduced global statistics, the same on every rank."""
-    from megatron_prune.evaluate.batching import progress_bar, check_token_ids, trimmed_batches
+    from megatron_prune.evaluate.batching import check_token_ids, forward_chunks, trimmed_batches
     from megatron_prune.models.forward import run_forward
 
-    if microbatches_per_call < 1:
-        raise ConfigError(f"microbatches_per_call={microbatches_per_call} must be >= 1")
     if len(windows) == 0 or windows.num_targets == 0:
         raise ConfigError("importance: the calibration windows hold no tokens (empty split or "
                           "max_samples=0). Fix: score with a split holding at least one document.")
     check_token_ids(windows.tokens, model, "importance windows")
-    total = num_microbatches(len(windows), micro_batch_size, groups.dp_size)
     token_mask = TokenMask()
-    bar = progress_bar(total, "importance", enabled=show_progress and groups.is_rank0)
-    chunk = []
-    try:
-        with record_activations(model, token_mask, backend=backend, tp_rank=groups.tp_rank) as local:
-            for i, mb in enumerate(iter_microbatches(windows, micro_batch_size, dp_rank=groups.dp_rank,
-                                                     dp_size=groups.dp_size)):
-                chunk.append(mb)
-                if len(chunk) == microbatches_per_call or i == total - 1:
-                    run_forward(model, groups, trimmed_batches(chunk), _nothing, width=1,
-                                with_labels=False, before=token_mask.set)
-                    if bar is not None:
-                        bar.update(len(chunk))
-                    chunk = []
-    finally:
-        if bar is not None:
-            bar.close()
+    with record_activations(model, token_mask, backend=backend, tp_rank=groups.tp_rank) as local:
+        for chunk in forward_chunks(windows, micro_batch_size, groups, microbatches_per_call, "importance",
+                                    show_progress):
+            run_forward(model, groups, trimmed_batches(chunk), _nothing, width=1, with_labels=False,
+                        before=token_mask.set)
     c = model.config
     _raise_if_nonfinite(local, int(c.num_layers))
     stats = reduce_calibration_stats(
