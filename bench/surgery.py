@@ -7,7 +7,9 @@ megatron-core GPTModel. For every target it makes the plan from seeded random sc
 the scores, set memory, bytes and time; the kept indices are scattered as activation scores would be),
 runs `prune.surgery.apply_plan` once under torch's memory profiler, then --repeats times runs it
 plainly, saves the pruned model with `checkpoint.save_checkpoint`, and drops it (after one untimed
-warm-up surgery + save per process). Targets:
+warm-up surgery + save per process). Surgery consumes its source (the default, `consume=True`: each
+source tensor is freed once its new shard is cut), so every surgery gets a freshly loaded source
+model, loaded before the measurement starts. Targets:
   width   conf/prune/smollm2-135m.yaml (the recipe default): hidden 576->384, FFN 1536->1024;
   depth   conf/prune/smollm2-135m-depth.yaml: 30->20 layers (one block of 10; layers change stage at PP2);
   both    the two together.
@@ -26,25 +28,24 @@ element_size, a tied weight once per rank; the last PP stage's copy of the tied 
                     keeps after frees and gloo's buffers, and it varies a little between repeats (the
                     worst repeat is reported, all in `peak_extra_runs`);
   extra_over_model  peak extra / model bytes (the figure without the model itself);
-  tensor_*          the same from the tensors `apply_plan` allocates, by torch.profiler(profile_memory)
-                    (every c10 CPU allocation and free in time order; deterministic, no allocator or
-                    gloo internals): what the algorithm itself holds;
-  new_over_model    the pruned model's bytes. `apply_plan` returns a NEW model and the source stays
-                    alive until the caller drops it, so 1 + new_over_model is this design's floor
-                    (~1.54 for `width`, ~1.40 for `both`);
+  tensor_*          the same from the tensors `apply_plan` allocates and frees: torch.profiler
+                    (profile_memory: every c10 CPU allocation and free in time order) plus the source
+                    tensors surgery releases (counted by wrapping `surgery._release`, because the
+                    profiler does not see the free of a block allocated before it started);
+                    deterministic, no allocator or gloo internals: what the algorithm itself holds;
+  new_over_model    the pruned model's bytes (it replaces the source's as surgery goes);
   build / fill      `apply_plan` split in two by wrapping the `build_model` it calls (instrumentation
-                    only): `build` = megatron builds and randomly initialises the pruned model (on CPU,
-                    `use_cpu_initialization` makes each TP-partitioned weight's full master tensor and
-                    copies the rank's slice out of it; at PP>1 the last stage all-reduces its copy of
-                    the tied embedding with the first), `fill` = the old shards are cut and exchanged
-                    into it (index_select copies, all_to_all buffers).
+                    only): `build` = megatron builds the pruned model empty (meta tensors: no memory,
+                    no initialisation, no tied-embedding sync) after the dropped layers are freed;
+                    `fill` = the source shards are cut and exchanged into it, layer by layer, each
+                    source tensor freed once cut (index_select copies, all_to_all buffers, stage moves).
 
 Bytes (per rank, what it sends to OTHER ranks):
   wire         counted by wrapping torch.distributed during `apply_plan`: all_to_all_single splits for
                other ranks (`wire_tp`), point-to-point sends of layers changing stage (`wire_pp`), and the
-               input of any other collective (`wire_build`: megatron's tied-embedding all-reduce while
-               building at PP>1, a random init that the fill then overwrites; any approach that builds
-               the pruned model through megatron pays it, so the gather ratios leave it out);
+               input of any other collective (`wire_build`: 0 now that the pruned model is built empty;
+               kept to catch a build that syncs the tied embedding again; the gather ratios leave it
+               out);
   comm         `CommStats.tp_bytes + pp_bytes` as surgery counts them; tp_bytes counts the whole
                all_to_all input, INCLUDING the rows a rank keeps (its split to itself, copied locally:
                `kept_local_bytes`), so it is >= wire_tp;
@@ -73,20 +74,18 @@ The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 
 # measure this source tree, not whatever copy of the package is installed
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench._common import REPO_ROOT, cpu_cores, run_worker_job, smollm2_dir  # noqa: E402
 
 GOAL = 1.10  # peak total memory during surgery / model bytes, per rank
 NOISY_SPREAD = 1.25  # slowest / fastest repeat above this: the machine was not quiet
@@ -95,31 +94,18 @@ RECIPES = {"width": "smollm2-135m.yaml", "depth": "smollm2-135m-depth.yaml"}
 SEED = 0
 NOTE = (
     "peak_over_model is the goal figure (peak total RSS during apply_plan / the rank's model bytes); "
-    "tensor_peak_over_model is the same from the tensors apply_plan allocates (torch profiler). Why it "
-    "is far above 1.10: apply_plan builds the whole pruned model next to the source, which stays alive "
-    "(floor 1 + new_over_model: ~1.54 width, ~1.40 both); the fill then adds its largest transient (at "
-    "TP1 the sliced embedding, 0.14 of the model); at TP3 megatron's CPU init adds full master tensors "
-    "during the build (~0.17) and the cut + all_to_all buffers ~0.2-0.4 of the rank's model; at PP2 the "
-    "last stage's build holds the output layer's master tensor and all-reduces its tied-embedding copy "
-    "(~1.0 extra in all). RSS adds glibc retention and gloo buffers on top of the tensors. Reaching "
-    "<= 1.10 needs another surgery: allocate the pruned model without initialising it (meta device / "
-    "no init, no tied-embedding sync) and free each old parameter as soon as its new shard is cut, "
-    "layers first and the embedding last, so old remaining + new done stays ~1.0 plus one tensor's "
-    "transient. Bytes: CommStats.tp_bytes counts each rank's all_to_all split to itself (rows it keeps, "
-    "copied locally); wire counts only bytes for other ranks, which is what the gather ratios use. "
-    "Scores are seeded random (seed 0); memory, bytes and time depend on shapes and on how many kept "
-    "rows change owner.")
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def threads_per_rank(nproc: int, cores: int) -> int:
-    return max(1, cores // nproc)
+    "tensor_peak_over_model is the same from the tensors apply_plan holds (torch profiler + the source "
+    "tensors it releases). apply_plan builds the pruned model empty (meta), frees the dropped layers "
+    "first, then walks the layers, cutting each new shard and freeing its source tensor at once, and "
+    "cuts the embedding and output layer last, when the layers have given back what pruning saves; on "
+    "CPU it returns freed heap pages to the OS between layers (malloc_trim), or glibc would serve new "
+    "shards from trimmed pages and the resident set would grow although live tensors shrink. What "
+    "remains above 1.0 is one tensor's transient (its new shard, and at TP>1 the all_to_all buffers) "
+    "and, at PP>1, layers arriving from another stage before the receiving stage's own layers are cut. "
+    "Bytes: CommStats.tp_bytes counts each rank's all_to_all split to itself (rows it keeps, copied "
+    "locally); wire counts only bytes for other ranks, which is what the gather ratios use. Scores are "
+    "seeded random (seed 0); memory, bytes and time depend on shapes and on how many kept rows change "
+    "owner.")
 
 
 def parse_layouts(text: str) -> list[tuple[int, int]]:
@@ -258,11 +244,10 @@ def reset_hwm() -> bool:
 
 def trim_heap() -> None:
     """Give freed memory back to the OS so later allocations show up in RSS."""
+    from megatron_prune.runtime.cpu import return_freed_host_memory
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    return_freed_host_memory()
 
 
 class RssWatch:
@@ -366,8 +351,9 @@ def param_bytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def gather_baseline(model, plan, groups, new_layer_bytes: int) -> dict:
-    """This rank's bytes under gather-and-reshard (see the module docstring), and the stage moves."""
+def gather_baseline(model, plan, groups) -> dict:
+    """This rank's TP bytes under gather-and-reshard (see the module docstring), from the source
+    model's shards (before surgery consumes them)."""
     from megatron_prune.models.shard import local_params
 
     tp = groups.tp_size
@@ -381,11 +367,14 @@ def gather_baseline(model, plan, groups, new_layer_bytes: int) -> dict:
         parts = cname.split(".")
         if cname.startswith("decoder.layers.") and int(parts[2]) in kept:
             kept_only.append(b)
+    return {"gather_tp": gather_tp_bytes(every, tp), "gather_min_tp": gather_tp_bytes(kept_only, tp)}
+
+
+def gather_baseline_moves(base: dict, plan, groups, new_layer_bytes: int) -> dict:
+    """`gather_baseline` plus the pruned layers this rank sends to another stage (either approach)."""
     moves = [m for m in moved_layers(plan.keep_layers, plan.source.num_layers, groups.pp_size)
              if m[1] == groups.pp_rank]
-    pp = len(moves) * new_layer_bytes
-    return {"gather_tp": gather_tp_bytes(every, tp), "gather_min_tp": gather_tp_bytes(kept_only, tp),
-            "stage_moves": pp, "layers_sent": len(moves)}
+    return {**base, "stage_moves": len(moves) * new_layer_bytes, "layers_sent": len(moves)}
 
 
 def tensor_peak(model, plan, groups) -> dict:
@@ -395,9 +384,14 @@ def tensor_peak(model, plan, groups) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     import megatron_prune.models.build as build_mod
-    from megatron_prune.prune.surgery import apply_plan
+    import megatron_prune.prune.surgery as surgery_mod
 
-    real_build, window = build_mod.build_model, {}
+    real_build, real_release, window, released = build_mod.build_model, surgery_mod._release, {}, []
+
+    def counted_release(param):
+        # the profiler sees no free of a block allocated before it started (the source model's)
+        released.append((time.time_ns(), -param.numel() * param.element_size()))
+        real_release(param)
 
     def timed_build(*args, **kwargs):
         window["start"] = time.time_ns()
@@ -406,14 +400,14 @@ def tensor_peak(model, plan, groups) -> dict:
         return out
 
     trim_heap()
-    build_mod.build_model = timed_build
+    build_mod.build_model, surgery_mod._release = timed_build, counted_release
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            new_model = apply_plan(model, plan, groups)
+            new_model = surgery_mod.apply_plan(model, plan, groups)
     finally:
-        build_mod.build_model = real_build
-    events = sorted(((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]"), key=lambda x: x[0])
+        build_mod.build_model, surgery_mod._release = real_build, real_release
+    events = sorted([(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]"] + released, key=lambda x: x[0])
     live = peak = build_peak = after_build = fill_peak = 0
     for t, n in events:
         live += n
@@ -489,10 +483,14 @@ def worker(a) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     groups = init_runtime(ParallelConfig(tp=a.worker_tp, pp=a.worker_pp))
     try:
-        cfg, _, state = read_hf_checkpoint(a.hf_dir)
-        model = build_model(cfg, groups)
-        load_full_state(model, state.__getitem__, groups)
-        del state
+        def source_model():
+            """A fresh source model: surgery consumes the one it prunes (frees its tensors)."""
+            cfg, _, state = read_hf_checkpoint(a.hf_dir)
+            model = build_model(cfg, groups)
+            load_full_state(model, state.__getitem__, groups)
+            return cfg, model
+
+        cfg, model = source_model()
         model_bytes = param_bytes(model.parameters())
 
         def reduced(value: float, op) -> float:
@@ -500,12 +498,13 @@ def worker(a) -> None:
             dist.all_reduce(t, op=op)
             return float(t[0])
 
-        plans = {}
+        plans, baselines = {}, {}
         for tname in a.targets:
             target = prune_target(tname, a.ffn_multiple)
             drop = cfg.num_layers - (target.num_layers or cfg.num_layers)
             plans[tname] = make_plan(cfg, random_scores(cfg, SEED, block_size=drop or None), target,
                                      tp=groups.tp_size, pp=groups.pp_size)
+            baselines[tname] = gather_baseline(model, plans[tname], groups)  # before anything is consumed
         runs = {t: [] for t in a.targets}
         tensors = {}
         # warm-up pair, not recorded: a process's first save also starts megatron's writer machinery
@@ -515,11 +514,11 @@ def worker(a) -> None:
                         provenance={"stage": "bench-surgery-warmup"})
         if groups.is_rank0:
             shutil.rmtree(os.path.join(a.workdir, f"warmup-{groups.layout}"), ignore_errors=True)
-        del new_model
+        del new_model, model
         for tname, plan in plans.items():
-            tensors[tname] = tensor_peak(model, plan, groups)  # deterministic: once
+            tensors[tname] = tensor_peak(source_model()[1], plan, groups)  # deterministic: once
             for rep in range(a.repeats):
-                new_model, rec = surgery_run(model, plan, groups, a.sample_ms)
+                new_model, rec = surgery_run(source_model()[1], plan, groups, a.sample_ms)
                 rec["surgery_s"] = reduced(rec["surgery_s_rank"], dist.ReduceOp.MAX)
                 rec["surgery_cpu_s"] = reduced(rec["surgery_cpu_s_rank"], dist.ReduceOp.SUM)
                 rec["build_s"] = reduced(rec["build_s_rank"], dist.ReduceOp.MAX)
@@ -541,7 +540,7 @@ def worker(a) -> None:
 
         results = {}
         for tname, plan in plans.items():
-            base = gather_baseline(model, plan, groups, runs[tname][0]["new_layer_bytes"])
+            base = gather_baseline_moves(baselines[tname], plan, groups, runs[tname][0]["new_layer_bytes"])
             mine = {"rank": groups.rank, "tp_rank": groups.tp_rank, "pp_rank": groups.pp_rank,
                     "model_bytes": model_bytes, "runs": runs[tname], "tensors": tensors[tname], **base}
             per_rank = [None] * groups.world_size
@@ -564,26 +563,10 @@ def worker(a) -> None:
 # ------------------------------------------------------------------------------------------------
 def run_layout(a, tp: int, pp: int, cores: int, workdir: str) -> dict:
     name = layout_name(tp, pp)
-    out = os.path.join(workdir, f"{name}.json")
-    n = tp * pp
-    threads = threads_per_rank(n, cores)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           os.path.abspath(__file__), "--worker", f"--worker-tp={tp}", f"--worker-pp={pp}", f"--out={out}",
-           f"--hf-dir={a.hf_dir}", f"--workdir={workdir}", f"--targets={','.join(a.targets)}",
-           f"--repeats={a.repeats}", f"--sample-ms={a.sample_ms}", f"--ffn-multiple={a.ffn_multiple}"]
-    t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0 or not os.path.isfile(out):
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise RuntimeError(f"{name} worker failed (rc={proc.returncode}):\n{tail}")
-    with open(out, encoding="utf-8") as f:
-        got = json.load(f)
-    got["job_s"] = round(time.perf_counter() - t0, 1)
-    got["loadavg_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # before, after the job
-    got["cores"] = cores
-    return got
+    return run_worker_job(__file__, tp * pp, [
+        f"--worker-tp={tp}", f"--worker-pp={pp}", f"--hf-dir={a.hf_dir}", f"--workdir={workdir}",
+        f"--targets={','.join(a.targets)}", f"--repeats={a.repeats}", f"--sample-ms={a.sample_ms}",
+        f"--ffn-multiple={a.ffn_multiple}"], os.path.join(workdir, f"{name}.json"), cores, name)
 
 
 def is_noisy(loadavg: list[float], cores: int, ranks: int, runs_s: list[list[float]]) -> bool:
@@ -680,12 +663,7 @@ def main(argv=None) -> dict:
     from megatron_prune.models.build import check_divisibility
     from megatron_prune.prune.targets import target_config
 
-    if a.hf_dir is None:
-        from megatron_prune.assets import smollm2_cache_dir
-
-        a.hf_dir = str(smollm2_cache_dir())
-    if not os.path.isfile(os.path.join(a.hf_dir, "config.json")):
-        raise SystemExit(f"model not found at {a.hf_dir}. Fix: run `python -m megatron_prune assets`.")
+    a.hf_dir = smollm2_dir(a.hf_dir)
     if a.repeats < 1:
         raise SystemExit(f"--repeats={a.repeats} must be >= 1")
     cfg = model_config_from_hf_dir(a.hf_dir)
@@ -727,11 +705,11 @@ def main(argv=None) -> dict:
                   f"{s['surgery_s']:9.2f} {s['build_s']:7.2f} {s['save_s']:7.2f} {s['surgery_over_save']:9.3f}"
                   f"{'?' if s['noisy'] else ' '}{s['surgery_over_save_cpu']:6.3f}")
     print(f"  peak/model = (model + peak extra RSS during apply_plan) / model bytes on the rank, goal <= {GOAL} "
-          "(! = missed); tensors = the same from the tensors apply_plan allocates (torch profiler); new = the "
-          "pruned model's bytes / model bytes; build+ / fill+ = peak extra RSS while megatron builds the "
-          "pruned model / while it is filled, over model bytes")
-    print("  wire = bytes a rank sends to other ranks (+build: megatron's tied-embedding sync while building "
-          "at PP>1); gather = all-gather every TP-partitioned weight (+ stage moves); min = only the tensors "
+          "(! = missed); tensors = the same from the tensors apply_plan allocates and frees (torch profiler + "
+          "released source tensors); new = the pruned model's bytes / model bytes; build+ / fill+ = peak "
+          "extra RSS while megatron builds the (empty) pruned model / while it is filled, over model bytes")
+    print("  wire = bytes a rank sends to other ranks (+build: any collective while building the pruned model; "
+          "0 since it is built empty); gather = all-gather every TP-partitioned weight (+ stage moves); min = only the tensors "
           "that need re-partitioning (+ stage moves)")
     print("  surg/save = apply_plan / save_checkpoint wall time (build s: its megatron build; ? = noisy: other "
           "jobs shared the cores or repeats differ > 25%); cpu = the same ratio on the main processes' CPU time")

@@ -86,15 +86,38 @@ def _te_importable() -> bool:
     return True
 
 
-def build_model(cfg: ModelConfig, groups: Groups, **config_overrides: Any):
-    """This rank's GPTModel chunk: the first stage holds the embedding, the last the output layer."""
-    from megatron.core.models.gpt import GPTModel
+def build_model(cfg: ModelConfig, groups: Groups, *, empty: bool = False, **config_overrides: Any):
+    """This rank's GPTModel chunk: the first stage holds the embedding, the last the output layer.
+
+    `empty=True`: every parameter is a meta tensor (no memory, no initialisation) and the first and
+    last pipeline stages do not all-reduce their copies of a tied embedding; for a caller that then
+    provides every parameter itself (prune surgery). Buffers megatron creates on an explicit device
+    (RoPE's inv_freq) are real as usual. The config's init flags are restored afterwards."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
     cfg.validate()
     check_divisibility(cfg, groups.tp_size, groups.pp_size)
     tconfig = transformer_config(cfg, groups.tp_size, groups.pp_size, **config_overrides)
-    model = GPTModel(
+    pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    if not empty:
+        return _gpt_model(cfg, tconfig, groups, pg_collection)
+    init_flags = (tconfig.use_cpu_initialization, tconfig.perform_initialization)
+    # megatron allocates with a bare torch.empty(...) (so on the meta device) only under CPU init
+    tconfig.use_cpu_initialization, tconfig.perform_initialization = True, False
+    embd_group, pg_collection.embd = pg_collection.embd, None  # no build-time sync of tied copies
+    with torch.device("meta"):
+        model = _gpt_model(cfg, tconfig, groups, pg_collection)
+    pg_collection.embd = model.embd_group = embd_group  # later gradient syncs need the real group
+    tconfig.use_cpu_initialization, tconfig.perform_initialization = init_flags
+    return model
+
+
+def _gpt_model(cfg: ModelConfig, tconfig: Any, groups: Groups, pg_collection: Any):
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(
         config=tconfig,
+        pg_collection=pg_collection,
         transformer_layer_spec=_layer_spec(cfg),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
@@ -107,4 +130,3 @@ def build_model(cfg: ModelConfig, groups: Groups, **config_overrides: Any):
         rope_scaling=cfg.rope_scaling,
         rope_scaling_factor=cfg.rope_scaling_factor,
     )
-    return model

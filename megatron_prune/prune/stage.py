@@ -80,11 +80,13 @@ def importance_scores(model: torch.nn.Module, cfg: ModelConfig, recipe: PruneRec
     return random_scores(cfg, recipe.seed, block_size=drop if drop > 0 else None)
 
 
-def prune_model(model: torch.nn.Module, plan: PrunePlan, groups: Groups) -> torch.nn.Module:
-    """The library call on a live model: the pruned model at the same layout (see surgery.py)."""
+def prune_model(model: torch.nn.Module, plan: PrunePlan, groups: Groups, consume: bool = True) -> torch.nn.Module:
+    """The library call on a live model: the pruned model at the same layout (see surgery.py). By
+    default `model` is consumed (its tensors are freed as surgery goes, so memory stays near one
+    model); consume=False keeps it intact, at the cost of holding both."""
     from megatron_prune.prune.surgery import apply_plan
 
-    return apply_plan(model, plan, groups)
+    return apply_plan(model, plan, groups, consume=consume)
 
 
 @dataclass
@@ -104,7 +106,7 @@ def prune_checkpoint(s: PruneSettings, groups: Groups) -> PruneResult:
     checkpoint.load_checkpoint(model, checked.ckpt)
     scores = importance_scores(model, cfg, s.recipe, groups, checked.artifact)
     plan = make_plan(cfg, scores, s.recipe.target, tp=groups.tp_size, pp=groups.pp_size)
-    pruned = prune_model(model, plan, groups)
+    pruned = prune_model(model, plan, groups)  # consumes `model`
     del model
     provenance = {"stage": "prune",
                   "inputs": {"checkpoint": str(checked.ckpt.resolve()),

@@ -12,6 +12,7 @@ single-process reference at every TP/PP layout (tests/distributed pin that).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import types
 from typing import Any, Iterator
@@ -176,3 +177,22 @@ def transformer_config_overrides() -> dict[str, Any]:
         # batch_p2p_comm=True ends each exchange with torch.cuda.synchronize().
         "batch_p2p_comm": False,
     }
+
+
+_LIBC: Any = None
+
+
+def return_freed_host_memory() -> None:
+    """Hand host memory that tensors have freed back to the OS (glibc `malloc_trim`; elsewhere a no-op).
+
+    glibc keeps freed heap chunks resident and serves new allocations from pages it trimmed before,
+    so a loop that frees one tensor and allocates a smaller one can still grow the resident set;
+    prune surgery calls this between layers to keep its footprint at the live tensors."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC(0)

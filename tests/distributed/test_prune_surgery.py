@@ -71,11 +71,16 @@ def _prune_at(tp: int, pp: int) -> dict:
         model = build_model(cfg, groups)
         load_full_state(model, random_full_state(cfg, seed=2).__getitem__, groups)
         before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-        comm = CommStats()
-        pruned = apply_plan(model, plan, groups, comm)
+        kept = apply_plan(model, plan, groups, consume=False)
         unchanged = all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k in before)
-        out[name] = {"state": gather_full_state(pruned, groups), "logits": full_logits(pruned, groups, tokens),
-                     "source_unchanged": unchanged, "tp_bytes": comm.tp_bytes, "pp_bytes": comm.pp_bytes,
+        comm = CommStats()
+        pruned = apply_plan(model, plan, groups, comm)  # the default: consumes the source as it goes
+        state = gather_full_state(pruned, groups)
+        out[name] = {"state": state, "logits": full_logits(pruned, groups, tokens),
+                     "source_unchanged": unchanged, "kept_state": gather_full_state(kept, groups),
+                     "source_freed": all(p.numel() == 0 for p in model.parameters()),
+                     "meta_left": [n for n, p in pruned.named_parameters() if p.is_meta],
+                     "tp_bytes": comm.tp_bytes, "pp_bytes": comm.pp_bytes,
                      "layer_numbers": [int(x.layer_number) for x in pruned.decoder.layers],
                      "train": _train_step(pruned, groups)}
     return {"layout": groups.layout, "cases": out}
@@ -118,7 +123,10 @@ def test_surgery_equals_pruning_the_full_model_at_every_layout(pools):
                 for key, ref in state.items():
                     assert torch.equal(case["state"][key], ref), (where, key)
                 assert torch.allclose(case["logits"], logits, rtol=1e-5, atol=1e-5), where
-                assert case["source_unchanged"], where
+                assert case["source_unchanged"], where  # consume=False copies, frees nothing
+                assert all(torch.equal(case["kept_state"][k], v) for k, v in case["state"].items()), where
+                assert case["source_freed"], where  # consume=True gave every source tensor back
+                assert case["meta_left"] == [], where
                 assert sum(t.numel() for t in case["state"].values()) == plan.parameters["after"], where
                 loss, changed = case["train"]
                 assert changed, where  # every rank's shard took an optimizer step
