@@ -7,18 +7,22 @@ Layout of a checkpoint directory:
     provenance.json     stage, inputs and their hashes, the stage config, the writing layout
     COMPLETE            written last: a directory without it is an unfinished write
 
-Writes are atomic: everything goes to `<dir>.tmp-<id>` and is renamed into place at the end, so a
-crash leaves whatever was there before usable and never a half checkpoint under the final name.
+Writes are atomic: everything goes to `.<dir>.tmp-<id>` beside it and is renamed into place at the
+end, so a crash leaves whatever was there before usable and never a half checkpoint under the final
+name. `atomic_dir` (all ranks) and `atomic_directory` (one process: HF exports, prepared data, the
+asset cache) are the project's only two ways to publish a directory.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -45,11 +49,11 @@ def _broadcast_str(value: str) -> str:
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool, field: str) -> Path:
     """Refuse to clobber an existing output unless asked to; called before any work starts."""
-    out = Path(path)
+    out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"{field}={out} is a file; pass a directory path")
+        raise ConfigError(f"{field}={path} is a file; pass a directory path")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{field}={out} already exists and is not empty; choose a new path or "
+        raise ConfigError(f"{field}={path} already exists and is not empty; choose a new path or "
                           f"pass overwrite=true")
     return out
 
@@ -64,34 +68,71 @@ def check_not_overlapping(output: str | os.PathLike, field: str, **inputs: str |
                               f"its inputs, choose an output path outside it")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _temp_sibling(final: Path, kind: str) -> Path:
+    """An empty directory beside `final` (same filesystem, so renames are atomic), mode as mkdir's."""
+    final.parent.mkdir(parents=True, exist_ok=True)  # also creates missing parents (e.g. runs/)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{kind}-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output should look like a mkdir
+    return tmp
+
+
+def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
+    """Rename the finished `tmp` to `final`. A previous `final` (overwrite) is moved aside first, not
+    deleted, and put back if the rename fails; it is removed only once the new one is in place."""
+    if final.exists() and not overwrite and (not final.is_dir() or any(final.iterdir())):
+        raise ConfigError(f"{final} appeared while writing; refusing to replace it")  # an empty dir is fine
+    trash = None
+    try:
+        if final.exists():
+            trash = _temp_sibling(final, "old")
+            os.rename(final, trash / final.name)
+        os.rename(tmp, final)
+    except BaseException:
+        if trash is not None and not final.exists():
+            os.rename(trash / final.name, final)
+        raise
+    finally:
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """One process: yield an empty temporary sibling of `final`; on normal exit it becomes `final`,
+    on any error it vanishes (and a previous `final` is untouched)."""
+    final = Path(final).expanduser().absolute()
+    tmp = _temp_sibling(final, "tmp")
+    try:
+        yield tmp
+        _publish(tmp, final, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def atomic_dir(final: str | os.PathLike, write: Callable[[Path], None],
                overwrite: bool = False) -> Path:
-    """Run `write(tmp)` on all ranks into one shared temporary directory, then rename it to `final`
-    on rank 0. A failure on any rank removes the temporary directory and re-raises."""
-    final = Path(final)
+    """All ranks: run `write(tmp)` on every rank into one shared temporary directory (made by rank 0),
+    then rank 0 publishes it as `final`. A failure on any rank removes it and re-raises."""
+    final = Path(final).expanduser().absolute()
     rank = dist.get_rank() if dist.is_initialized() else 0
-    tmp = Path(_broadcast_str(str(final.parent / f".{final.name}.tmp-{os.getpid()}-{int(time.time())}")))
-    if rank == 0:
-        tmp.mkdir(parents=True)  # also creates missing parents of the output (e.g. runs/)
+    tmp = Path(_broadcast_str(str(_temp_sibling(final, "tmp")) if rank == 0 else ""))
     _barrier()
     try:
         write(tmp)
         _barrier()
+        if rank == 0:
+            _publish(tmp, final, overwrite)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if rank == 0:
-        if final.exists():
-            if not overwrite:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise ConfigError(f"{final} appeared while writing; refusing to replace it")
-            trash = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
     _barrier()
     return final
 

@@ -1,19 +1,18 @@
-"""Atomic output directories and a build-once cache of derived directories.
+"""A build-once cache of derived directories (the converted SmolLM2, the prepared data).
 
-A directory is published by renaming a finished temp sibling into place, so readers see either
+A directory is published by renaming a finished temp sibling into place (`checkpoint.atomic_directory`), so readers see either
 nothing or a complete directory (DESIGN invariant 3). Cached directories also carry a marker file
 written last; a directory without it is unfinished (or predates the marker) and is re-checked.
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from megatron_prune.config import ConfigError
 
@@ -24,29 +23,6 @@ def cache_root() -> Path:
     """`$MEGATRON_PRUNE_CACHE`, else `~/.cache/megatron_prune`."""
     env = os.environ.get("MEGATRON_PRUNE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "megatron_prune"
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temp dir beside `out_dir`; on success it becomes `out_dir`, on error it is
-    removed and any previous `out_dir` is untouched."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"output {out} already exists; choose another path or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():  # overwrite: swap, then drop the old one
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, trash / "old")
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_marker(directory: Path, payload: Mapping[str, Any]) -> None:
@@ -82,7 +58,9 @@ def cached_dir(out_dir: str | Path, build: Callable[[Path], None], validate: Cal
                 stale = Path(tempfile.mkdtemp(prefix=f".{out.name}.stale-", dir=out.parent))
                 os.rename(out, stale / "old")
                 shutil.rmtree(stale, ignore_errors=True)
-        with atomic_output_dir(out) as tmp:
+        from megatron_prune.checkpoint import atomic_directory  # torch: only when building
+
+        with atomic_directory(out) as tmp:
             build(tmp)
             validate(tmp)
             _write_marker(tmp, payload)  # last: its presence means everything else is there

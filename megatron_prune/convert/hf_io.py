@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from megatron_prune.config import ConfigError, ModelConfig
-from megatron_prune.convert.cache import atomic_output_dir, cache_root, cached_dir
+from megatron_prune.checkpoint import atomic_directory, check_output_dir
+from megatron_prune.convert.cache import cache_root, cached_dir
 from megatron_prune.convert.hf_config import hf_config_to_model_config, model_config_to_hf_config
 from megatron_prune.convert.hf_weights import CanonicalState, megatron_to_hf
 from megatron_prune.convert.safetensors_source import SINGLE_FILE, SafetensorsSource, read_config_json
@@ -123,7 +124,8 @@ def write_hf_checkpoint(state_canonical: Mapping[str, Tensor], cfg: ModelConfig,
     dtype = state_canonical["embedding.word_embeddings.weight"].dtype
     hf_config = model_config_to_hf_config(cfg, extra=_extra_config(tok, dtype))  # errors before work
     hf_state = megatron_to_hf(state_canonical, cfg)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    check_output_dir(out_dir, overwrite, "output")
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in hf_state.items()}, str(tmp / SINGLE_FILE),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")

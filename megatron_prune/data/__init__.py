@@ -5,7 +5,6 @@ Modules, one concept each:
     splits            deterministic work-level calibration / train / validation / task splits
     indexed           prepare_data: tokenise each split into <split>.bin/.idx, atomically
     manifest          manifest.json: what a prepared directory holds, with hashes
-    atomic            build a directory under a temp name, rename it into place
     loaders           windows with loss masks; DP-sharded evaluation micro-batches
     sampler           resumable training order: a pure function of (seed, consumed_samples)
     tasks             MultipleChoiceExample; JSONL and BIG-bench loaders, JSONL writer

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from megatron_prune.config import ConfigError
-from megatron_prune.data.atomic import atomic_directory, check_output_dir
+from megatron_prune.checkpoint import atomic_directory, check_output_dir
 from megatron_prune.data.corpus import Document, corpus_sha256, load_corpus
 from megatron_prune.data.manifest import (DocumentRecord, Manifest, SplitRecord, TaskRecord,
                                           TokenizerRecord, file_sha256)
@@ -33,7 +33,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 TASK_FILE = "task.jsonl"
 
 
-def load_tokenizer(tokenizer_dir: str, field: str = "tokenizer_dir") -> Any:
+def load_tokenizer(tokenizer_dir: str, field: str = "data.tokenizer_dir") -> Any:
     """`AutoTokenizer.from_pretrained(tokenizer_dir)`, offline, with errors that say what to do."""
     path = os.path.expanduser(tokenizer_dir)
     if not os.path.isdir(path):
@@ -120,7 +120,7 @@ def prepare_data(source: str, tokenizer_dir: str, output_dir: str, fractions: Ma
     written. With `task_examples > 0` a default multiple-choice task is built from the `task` split
     (or `validation` when `fractions` has no `task`) and written as `task.jsonl`.
     """
-    final_dir = check_output_dir(output_dir, overwrite)
+    final_dir = str(check_output_dir(output_dir, overwrite, "data.output_dir").absolute())
     fractions = validate_fractions(fractions)
     documents = load_corpus(source)
     assignment, grouped = split_documents(documents, fractions, seed)

@@ -144,6 +144,6 @@ def load_manifest(directory: str) -> Manifest:
     path = os.path.join(directory, MANIFEST_NAME)
     if not os.path.isfile(path):
         raise ConfigError(f"{path} not found: {directory!r} is not a prepared data directory. "
-                          f"Fix: run the prepare-data stage with output_dir={directory}.")
+                          f"Fix: run the prepare-data stage with data.output_dir={directory}.")
     with open(path, encoding="utf-8") as f:
         return Manifest.from_dict(json.load(f), root=os.path.abspath(directory))
