@@ -33,6 +33,43 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def override_error(stage: str, overrides: list[str]) -> str | None:
+    """Hydra's complaint about the overrides (unknown key, bad type or value, missing group option) as
+    one line, or None. Checked by composing the stage's config before Hydra runs the app, which would
+    print a multi-line report and exit 1. Hydra's own flags (--cfg, --help, -m) skip the check."""
+    if any(a.startswith("-") for a in overrides):
+        return None
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from megatron_prune.cli.common import VERSION_BASE
+
+    try:
+        with initialize_config_module(config_module="megatron_prune.conf", version_base=VERSION_BASE):
+            compose(config_name=stage.replace("-", "_"), overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        return _one_line(e)
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    """What Hydra says, and why (the OmegaConf error it wraps), and the options it lists, on one line."""
+    parts = [str(e).strip().splitlines()[0]] if str(e).strip() else [type(e).__name__]
+    if e.__cause__ is not None and str(e.__cause__).strip():
+        parts.append(str(e.__cause__).strip().splitlines()[0])  # e.g. "Key 'x' is not in struct"
+    lines = str(e).splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Available options in"):
+            options = []
+            for option in lines[i + 1:]:  # a tab-indented list, then "Config search path:"
+                if not option.startswith("\t"):
+                    break
+                options.append(option.strip())
+            parts.append(f"choose one of: {', '.join(options)}")
+    return "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -42,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"{usage()}\n\nmegatron-prune: error: unknown stage {stage!r}; choose one of: "
               f"{', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    problem = override_error(stage, args[1:])
+    if problem is not None:
+        print(f"megatron-prune {stage}: error: {problem}", file=sys.stderr)
         return 2
     module = importlib.import_module(STAGES[stage][0])
     # Hydra reads sys.argv: leave it only the overrides, with the stage in the program name.

@@ -502,3 +502,19 @@ def test_unknown_stage_exits_2_with_one_error_line(tmp_path, inputs):
     errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert errors == [f"megatron-prune: error: unknown stage 'prnue'; choose one of: {', '.join(STAGES)}"]
     assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Hydra overrides: refused in one line with exit 2 (Hydra itself prints a report and exits 1)
+
+
+@pytest.mark.parametrize("override,needles", [
+    ("prune.target.hiden_size=384", ("prune.target.hiden_size", "Key 'hiden_size' is not in struct")),
+    ("parallel.tp=abc", ("parallel.tp=abc", "could not be converted to Integer")),
+    ("prune=nope", ("prune/nope", "choose one of:", "smollm2-135m-width")),
+    ("prune.seed=[1", ("'[1'",)),
+], ids=["unknown-key", "bad-type", "no-such-recipe", "unparsable"])
+def test_bad_hydra_override_is_refused_in_one_line(refusal, inputs, tmp_path, override, needles):
+    r = refusal(inputs["ckpt"], inputs["importance"])
+    out = tmp_path / "pruned"
+    r.run("prune", _prune_args(inputs, out, override), out, *needles)
