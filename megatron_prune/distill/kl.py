@@ -36,7 +36,10 @@ own vocab-parallel cross entropy.
 
 The per-chunk math lives in the pure functions `_chunk_max`, `_chunk_sumexp`, `_chunk_kl` and
 `_chunk_grad` (one chunk, one shard, no communication), so a fused kernel can replace them without
-touching the reductions.
+touching the reductions: `backend="triton"` runs megatron_prune.kernels.kl's Triton kernels in
+their place (one pass over both shards each, no [chunk, V/tp] temporaries; the backward writes the
+gradient in one launch for all tokens), `"torch"` these functions, `"auto"` (the default) the
+kernels for CUDA logits and these functions otherwise (see `megatron_prune.kernels.kl`).
 """
 from __future__ import annotations
 
@@ -150,13 +153,24 @@ def _all_reduce(x: torch.Tensor, op: dist.ReduceOp, group: Optional[ProcessGroup
     return x
 
 
+def _chunk_ops(backend: str) -> tuple:
+    """(max, sumexp, kl, grad) per-chunk functions of a resolved backend, 'torch' or 'triton'."""
+    if backend == "torch":
+        return _chunk_max, _chunk_sumexp, _chunk_kl, _chunk_grad
+    from megatron_prune.kernels import kl as kernels  # lazily: it imports this module's references
+    return (kernels.chunk_max_triton, kernels.chunk_sumexp_triton, kernels.chunk_kl_triton,
+            kernels.chunk_grad_triton)
+
+
 def _chunk_stats(s: torch.Tensor, t: torch.Tensor, temperature: float, dtype: torch.dtype,
-                 group: Optional[ProcessGroup], comm: Optional[CommCounterLike]) -> torch.Tensor:
+                 group: Optional[ProcessGroup], comm: Optional[CommCounterLike],
+                 ops: tuple) -> torch.Tensor:
     """Global per-token softmax statistics over the whole vocabulary: -> [4, c], rows (max of s/τ,
     max of t/τ, log sum exp(s/τ - max), log sum exp(t/τ - max)); kept apart, not added into one
     logsumexp, for precision (see `_log_softmax_shard`)."""
-    maxes = _all_reduce(_chunk_max(s, t, temperature, dtype), dist.ReduceOp.MAX, group, comm)  # [2, c]
-    sums = _all_reduce(_chunk_sumexp(s, t, temperature, maxes), dist.ReduceOp.SUM, group, comm)  # [2, c]
+    chunk_max, chunk_sumexp = ops[:2]
+    maxes = _all_reduce(chunk_max(s, t, temperature, dtype), dist.ReduceOp.MAX, group, comm)  # [2, c]
+    sums = _all_reduce(chunk_sumexp(s, t, temperature, maxes), dist.ReduceOp.SUM, group, comm)  # [2, c]
     return torch.cat([maxes, sums.log_()])  # [4, c]; sums >= 1 (the max's own term): log is finite
 
 
@@ -165,18 +179,20 @@ class _VocabParallelKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, group: Optional[ProcessGroup],
-                temperature: float, scale: float, chunk: int, comm: Optional[CommCounterLike]) -> torch.Tensor:
+                temperature: float, scale: float, chunk: int, comm: Optional[CommCounterLike],
+                backend: str) -> torch.Tensor:
+        ops = _chunk_ops(backend)
         dtype = torch.promote_types(student.dtype, torch.float32)
         tokens = student.shape[0]
         stats = torch.empty(4, tokens, dtype=dtype, device=student.device)  # [4, T], see _chunk_stats
         kl = torch.empty(tokens, dtype=dtype, device=student.device)  # [T]
         for lo in range(0, tokens, chunk):
             s, t = student[lo:lo + chunk], teacher[lo:lo + chunk]  # [c, Vl] views
-            stats[:, lo:lo + chunk] = _chunk_stats(s, t, temperature, dtype, group, comm)
-            kl[lo:lo + chunk] = _chunk_kl(s, t, temperature, stats[:, lo:lo + chunk])
+            stats[:, lo:lo + chunk] = _chunk_stats(s, t, temperature, dtype, group, comm, ops)
+            kl[lo:lo + chunk] = ops[2](s, t, temperature, stats[:, lo:lo + chunk])
         _all_reduce(kl, dist.ReduceOp.SUM, group, comm)  # one collective for all chunks' partial sums
         ctx.save_for_backward(student, teacher, stats)
-        ctx.temperature, ctx.scale, ctx.chunk = temperature, scale, chunk
+        ctx.temperature, ctx.scale, ctx.chunk, ctx.backend = temperature, scale, chunk, backend
         return kl.mul_(scale) if scale != 1.0 else kl
 
     @staticmethod
@@ -185,12 +201,15 @@ class _VocabParallelKL(torch.autograd.Function):
         student, teacher, stats = ctx.saved_tensors
         grad_kl = grad_kl.reshape(-1).to(stats.dtype) * ctx.scale  # [T]
         grad = torch.empty_like(student)  # [T, Vl]
+        if ctx.backend == "triton":  # no temporaries: one launch writes the whole gradient
+            _chunk_ops("triton")[3](student, teacher, ctx.temperature, stats, grad_kl, out=grad)
+            return grad, None, None, None, None, None, None, None
         for lo in range(0, student.shape[0], ctx.chunk):
             hi = lo + ctx.chunk
             grad[lo:hi] = _chunk_grad(student[lo:hi], teacher[lo:hi], ctx.temperature, stats[:, lo:hi],
                                       grad_kl[lo:hi])
-        # the teacher gets no gradient; group, temperature, scale, chunk and comm are not tensors
-        return grad, None, None, None, None, None, None
+        # the teacher gets no gradient; group, temperature, scale, chunk, comm, backend: not tensors
+        return grad, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +219,7 @@ class _VocabParallelKL(torch.autograd.Function):
 def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                       tp_group: Optional[ProcessGroup], temperature: float = 1.0,
                       scale_by_temperature_squared: bool = False, chunk_tokens: Optional[int] = None,
-                      comm: Optional[CommCounterLike] = None) -> torch.Tensor:
+                      comm: Optional[CommCounterLike] = None, backend: str = "auto") -> torch.Tensor:
     """Per-token forward KL(p_T || p_S) of tempered softmaxes over the full (sharded) vocabulary.
 
     student_logits, teacher_logits: [..., V/tp], this rank's contiguous vocabulary shard, same
@@ -212,19 +231,24 @@ def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     scale_by_temperature_squared: multiply the KL by τ² (Hinton's convention); off by default.
     chunk_tokens: tokens per chunk; None picks about CHUNK_TEMP_BYTES per [chunk, V/tp] temporary.
     comm: counts the bytes this rank hands to collectives, if given.
+    backend: "auto" (Triton kernels for CUDA logits, PyTorch otherwise), "torch" or "triton" (on CPU
+      only under TRITON_INTERPRET=1, for tests); see megatron_prune.kernels.kl.
 
     Returns the KL [...] (the leading dimensions) in float32 (float64 for float64 logits),
     identical on every rank of the group. Differentiable with respect to the student only: the
     teacher is treated as a constant whether or not it requires grad.
     """
     _check_inputs(student_logits, teacher_logits, temperature, chunk_tokens)
+    from megatron_prune.kernels.kl import resolve_backend  # lazily: it imports this module
+
+    backend = resolve_backend(student_logits, backend)  # a bad or unusable backend fails here
     lead, vocab_local = student_logits.shape[:-1], student_logits.shape[-1]
     if chunk_tokens is None:
         chunk_tokens = max(1, CHUNK_TEMP_BYTES // (4 * vocab_local))
     scale = float(temperature) ** 2 if scale_by_temperature_squared else 1.0
     kl = _VocabParallelKL.apply(student_logits.reshape(-1, vocab_local),  # [T, Vl]
                                 teacher_logits.detach().reshape(-1, vocab_local),  # [T, Vl]
-                                tp_group, float(temperature), scale, int(chunk_tokens), comm)
+                                tp_group, float(temperature), scale, int(chunk_tokens), comm, backend)
     return kl.reshape(lead)  # [...]
 
 
