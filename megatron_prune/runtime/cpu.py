@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib
+import sys
 import types
 from typing import Any, Iterator
 
@@ -27,6 +28,10 @@ _MODULES_WITH_CUDA_LITERALS = (
     "megatron.core.transformer.utils",  # get_default_causal_mask
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.optimizer.optimizer",  # the FP32 optimizer's loss scale of one
+    "megatron.core.optimizer.clip_grads",  # the grad-norm accumulator
+    "megatron.core.optimizer.grad_scaler",  # fp16 loss scaling
+    "megatron.core.utils",  # local_multi_tensor_l2_norm (the grad norm without apex)
 )
 _FACTORIES = frozenset(
     {"zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like", "empty_like",
@@ -135,6 +140,22 @@ def _cpu_set_rng_state(new_state: torch.Tensor, *args: Any, **kwargs: Any) -> No
     torch.set_rng_state(new_state)
 
 
+# megatron's optimizers classify (and assert) parameters by `param.type()`, e.g.
+# 'torch.cuda.FloatTensor'; inside these modules a CPU tensor answers with its CUDA twin's name.
+_CUDA_TYPE_NAME_MODULES = ("megatron.core.optimizer.",)
+
+
+def _cuda_named_type(original: Any) -> Any:
+    def type_(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith(_CUDA_TYPE_NAME_MODULES):
+                return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    return type_
+
+
 def activate() -> bool:
     """Apply the CPU adjustments once. Returns whether they are active (False where CUDA exists)."""
     global _ACTIVE
@@ -161,6 +182,7 @@ def activate() -> bool:
 
     mrandom._get_cuda_rng_state = _cpu_get_rng_state
     mrandom._set_cuda_rng_state = _cpu_set_rng_state
+    torch.Tensor.type = _cuda_named_type(torch.Tensor.type)  # type: ignore[method-assign]
     _ACTIVE = True
     return True
 
