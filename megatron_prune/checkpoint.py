@@ -34,7 +34,7 @@ MARKER = "COMPLETE"
 MODEL_DIR = "model"
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
@@ -123,17 +123,17 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[Path], None],
     final = Path(final).expanduser().absolute()
     rank = dist.get_rank() if dist.is_initialized() else 0
     tmp = Path(_broadcast_str(str(_temp_sibling(final, "tmp")) if rank == 0 else ""))
-    _barrier()
+    barrier()
     try:
         write(tmp)
-        _barrier()
+        barrier()
         if rank == 0:
             _publish(tmp, final, overwrite)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _barrier()
+    barrier()
     return final
 
 
@@ -173,6 +173,15 @@ def tree_sha256(path: str | os.PathLike, suffixes: Optional[tuple[str, ...]] = N
     return h.hexdigest()
 
 
+def model_hash(ckpt: Path) -> str:
+    """sha256 over the checkpoint's weight files and its model config. megatron's distributed
+    checkpoint splits files by the layout that wrote it, so the same weights saved at another layout
+    hash differently: the hash names a checkpoint, not weights."""
+    weights = tree_sha256(ckpt / MODEL_DIR, (".distcp", ".metadata"))
+    config = file_sha256(ckpt / "model_config.json")
+    return hashlib.sha256(f"{weights}{config}".encode()).hexdigest()
+
+
 def save_checkpoint(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | os.PathLike,
                     groups: Groups, provenance: dict[str, Any], overwrite: bool = False,
                     extra_files: Optional[Callable[[Path], None]] = None) -> Path:
@@ -183,7 +192,7 @@ def save_checkpoint(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | os.
     def write(tmp: Path) -> None:
         if groups.is_rank0:
             (tmp / MODEL_DIR).mkdir()
-        _barrier()
+        barrier()
         dist_checkpointing.save(model.sharded_state_dict(), str(tmp / MODEL_DIR))
         if groups.is_rank0:
             (tmp / "model_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -193,7 +202,7 @@ def save_checkpoint(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | os.
             (tmp / "provenance.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         if extra_files is not None:
             extra_files(tmp)
-        _barrier()
+        barrier()
         if groups.is_rank0:
             (tmp / MARKER).write_text("ok\n")
 

@@ -106,5 +106,5 @@ def export_hf(ckpt: str | Path, output: str | Path, groups: Groups, overwrite: b
     if groups.is_rank0:
         write_hf_checkpoint(state, cfg, output, tokenizer_dir=tokenizer_dir_of(ckpt),
                             overwrite=overwrite)
-    checkpoint._barrier()
+    checkpoint.barrier()
     return Path(output)

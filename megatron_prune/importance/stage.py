@@ -204,7 +204,7 @@ def score_checkpoint(s: ScoreSettings, groups: Groups, *, show_progress: bool = 
 
     metadata = {
         "model": {"checkpoint": str(checked.ckpt.resolve()), "config": cfg.to_dict(),
-                  "sha256": model_hash(checked.ckpt) if groups.is_rank0 else ""},
+                  "sha256": checkpoint.model_hash(checked.ckpt) if groups.is_rank0 else ""},
         "data": {"dir": str(Path(s.data_dir).resolve()), "split": s.split,
                  "split_sha256": {"bin": manifest.splits[s.split].bin_sha256,
                                   "idx": manifest.splits[s.split].idx_sha256},
@@ -227,16 +227,6 @@ def score_checkpoint(s: ScoreSettings, groups: Groups, *, show_progress: bool = 
     path = checkpoint.atomic_dir(s.output, write, overwrite=s.overwrite)
     return ScoreResult(path=path, artifact=artifact, seconds=seconds)
 
-
-def model_hash(ckpt: Path) -> str:
-    """sha256 over the checkpoint's weight files and its model config. megatron's distributed
-    checkpoint splits files by the layout that wrote it, so the same weights saved at another layout
-    hash differently: the hash names a checkpoint, not weights."""
-    import hashlib
-
-    weights = checkpoint.tree_sha256(ckpt / checkpoint.MODEL_DIR, (".distcp", ".metadata"))
-    config = checkpoint.file_sha256(ckpt / "model_config.json")
-    return hashlib.sha256(f"{weights}{config}".encode()).hexdigest()
 
 
 def draw_pictures(artifact: ImportanceArtifact, directory: Path) -> list[Path]:

@@ -41,7 +41,7 @@ class Checked:
 def validate_prune_settings(s: PruneSettings, tp: int, pp: int) -> Checked:
     """Everything `prune` can refuse before start-up, each error naming its field."""
     from megatron_prune.importance.artifact import read_artifact
-    from megatron_prune.importance.stage import model_hash
+    from megatron_prune.checkpoint import model_hash
 
     ckpt = checkpoint.validate_checkpoint(s.checkpoint)
     cfg = checkpoint.read_model_config(ckpt)
@@ -97,7 +97,7 @@ class PruneResult:
 
 def prune_checkpoint(s: PruneSettings, groups: Groups) -> PruneResult:
     from megatron_prune.convert.stages import copy_tokenizer, tokenizer_dir_of
-    from megatron_prune.importance.stage import model_hash
+    from megatron_prune.checkpoint import model_hash
     from megatron_prune.models.build import build_model
 
     checked = validate_prune_settings(s, groups.tp_size, groups.pp_size)
