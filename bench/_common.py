@@ -1,5 +1,6 @@
-"""What the bench scripts share: the cores they may use, the real model's location, and running one
-torchrun job of a script's own `--worker` mode that writes its result as JSON."""
+"""What the bench scripts share: the cores they may use, the real model's location, running one
+torchrun job of a script's own `--worker` mode that writes its result as JSON, and the peak of the
+tensor memory a call allocates (torch's profiler)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,9 @@ import os
 import subprocess
 import sys
 import time
+from typing import Callable, TypeVar
+
+R = TypeVar("R")
 
 # measure this source tree, not whatever copy of the package is installed
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,3 +58,25 @@ def run_worker_job(script: str, nproc: int, worker_args: list[str], out: str, co
     got["loadavg_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # before, after the job
     got["cores"] = cores
     return got
+
+
+def tensor_peak(fn: Callable[[], R]) -> tuple[R, int, int]:
+    """(fn(), peak, end): `fn` run under torch's profiler with profile_memory, which records every c10
+    CPU allocation (+bytes) and free (-bytes); added up in time order they give the live tensor bytes
+    above what existed before the call. `peak` is their maximum, `end` what `fn` left alive.
+
+    Deterministic and blind to glibc's caching (torch has no CPU allocator statistics, and RSS keeps
+    freed pages). A free of a block allocated BEFORE the call appears as a lone negative event and
+    lowers the count: release such tensors before calling (or count them, as bench/surgery.py does).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return out, peak, live
