@@ -37,6 +37,9 @@ STEP_DIR = re.compile(r"^step_(\d{6,})$")
 STATE_FILE = "train_state.json"
 OPTIMIZER_DIR = "optimizer"
 RNG_DIR = "rng"
+# The distributed optimizer's fully parallel format (each rank writes its own DP shard of the state,
+# no gathering); a checkpoint in it resumes at the same TP/PP and any DP. The plain optimizer ignores it.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 @dataclass
@@ -140,7 +143,7 @@ def save_train_checkpoint(root: str | Path, model: torch.nn.Module, cfg: ModelCo
             (tmp / OPTIMIZER_DIR).mkdir()
             (tmp / RNG_DIR).mkdir()
         checkpoint.barrier()
-        sharded = optimizer.sharded_state_dict(model.sharded_state_dict())
+        sharded = optimizer.sharded_state_dict(model.sharded_state_dict(), metadata=OPTIMIZER_METADATA)
         dist_checkpointing.save(sharded, str(tmp / OPTIMIZER_DIR))
         (tmp / RNG_DIR / f"rank_{groups.rank:05d}.json").write_text(json.dumps(_rng_states()))
         if groups.is_rank0:
@@ -160,7 +163,8 @@ def load_train_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, gr
     from megatron.core import dist_checkpointing
 
     checkpoint.load_checkpoint(model, path)
-    sharded = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+    sharded = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True,
+                                         metadata=OPTIMIZER_METADATA)
     optimizer.load_state_dict(dist_checkpointing.load(sharded, str(path / OPTIMIZER_DIR)))
     rng = path / RNG_DIR / f"rank_{groups.rank:05d}.json"
     if not rng.is_file():
