@@ -158,14 +158,32 @@ def save_train_checkpoint(root: str | Path, model: torch.nn.Module, cfg: ModelCo
     return path
 
 
+def _init_torch_adam_state(optimizer: Any) -> None:
+    """Give a torch Adam/AdamW that has not stepped yet the state it would have after step one (zeros,
+    step 0), for the checkpoint to overwrite. megatron's distributed optimizer reads each parameter's
+    'step' while it prepares a load, but its own state initialiser only makes the moments; with TE's
+    or apex's FusedAdam (the GPU images) the step lives elsewhere and nothing is needed."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(chained, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
 def load_train_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, groups: Groups) -> TrainState:
     """Model weights, optimizer state and this rank's RNG from `path` (a complete step directory)."""
     from megatron.core import dist_checkpointing
 
     checkpoint.load_checkpoint(model, path)
+    _init_torch_adam_state(optimizer)
     sharded = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True,
                                          metadata=OPTIMIZER_METADATA)
-    optimizer.load_state_dict(dist_checkpointing.load(sharded, str(path / OPTIMIZER_DIR)))
+    with torch.no_grad():  # the distributed optimizer copies into views of the parameters
+        optimizer.load_state_dict(dist_checkpointing.load(sharded, str(path / OPTIMIZER_DIR)))
     rng = path / RNG_DIR / f"rank_{groups.rank:05d}.json"
     if not rng.is_file():
         raise ConfigError(f"{rng} is missing: {path} was written by a different number of processes")
