@@ -30,7 +30,7 @@ from megatron_prune.log import RunLogger, format_table
 from megatron_prune.models.forward import Batch
 from megatron_prune.parallel import Groups
 from megatron_prune.train import state as ckpt
-from megatron_prune.train.optim import current_lr
+from megatron_prune.train.optim import current_lr, restore_scheduler
 from megatron_prune.train.settings import TrainSettings
 from megatron_prune.train.step import Forward, per_token, run_schedule
 
@@ -124,7 +124,7 @@ def train(chunk: torch.nn.Module, ddp: Any, model: torch.nn.Module, cfg: ModelCo
     if latest is not None:
         ckpt.check_resumable(latest, job.continuation, groups.layout)
         state = ckpt.load_train_checkpoint(latest, model, optimizer, groups)
-        scheduler.load_state_dict(state.scheduler)
+        restore_scheduler(scheduler, state.scheduler)
         resumed_from = state.step
         logger.echo(f"{job.name}: resuming {latest} (step {state.step}, {state.consumed_samples} samples)")
 

@@ -66,6 +66,13 @@ def build_scheduler(optimizer: Any, s: TrainSettings) -> Any:
     return scheduler
 
 
+def restore_scheduler(scheduler: Any, state: dict) -> None:
+    """Load a saved scheduler state. megatron's `load_state_dict` *advances* by the saved step count
+    (`step(increment=num_steps)`), so the count taken at creation is cleared first."""
+    scheduler.num_steps = 0
+    scheduler.load_state_dict(state)
+
+
 def current_lr(optimizer: Any) -> float:
     return float(optimizer.param_groups[0]["lr"])
 

@@ -163,15 +163,31 @@ def _init_torch_adam_state(optimizer: Any) -> None:
     step 0), for the checkpoint to overwrite. megatron's distributed optimizer reads each parameter's
     'step' while it prepares a load, but its own state initialiser only makes the moments; with TE's
     or apex's FusedAdam (the GPU images) the step lives elsewhere and nothing is needed."""
-    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(chained, "optimizer", None)
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            continue
+    for inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             for p in group["params"]:
                 if not inner.state[p]:
                     inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                       "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _torch_adams(optimizer: Any) -> list:
+    inner = [getattr(c, "optimizer", None) for c in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def _restore_torch_adam_steps(optimizer: Any) -> None:
+    """megatron's distributed optimizer saves torch Adam's step count once per param group and loads
+    it back there, but torch's Adam reads it from each parameter's state: without this, a resumed
+    run's bias correction restarts from the placeholder step and the weights drift from an
+    uninterrupted run's."""
+    for inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            if group.get("step") is None:
+                continue  # the plain optimizer keeps its steps per parameter already
+            for p in group["params"]:
+                if inner.state[p]:
+                    inner.state[p]["step"] = torch.tensor(float(group["step"]))
 
 
 def load_train_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, groups: Groups) -> TrainState:
@@ -184,6 +200,7 @@ def load_train_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, gr
                                          metadata=OPTIMIZER_METADATA)
     with torch.no_grad():  # the distributed optimizer copies into views of the parameters
         optimizer.load_state_dict(dist_checkpointing.load(sharded, str(path / OPTIMIZER_DIR)))
+    _restore_torch_adam_steps(optimizer)
     rng = path / RNG_DIR / f"rank_{groups.rank:05d}.json"
     if not rng.is_file():
         raise ConfigError(f"{rng} is missing: {path} was written by a different number of processes")
