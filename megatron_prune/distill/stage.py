@@ -83,13 +83,14 @@ def validate_distill_settings(s: DistillSettings, tp: int, pp: int) -> tuple[Che
     check_divisibility(scfg, tp, pp)
     check_divisibility(tcfg, tp, pp)
     s.loss.validate()
-    s.train.validate()
+    s.train.validate("distill.train")
     dp, layout = launch_layout(tp, pp)
     checked = check_training_io(
         data=s.data, train=s.train, models={"student": scfg, "teacher": tcfg},
         ckpts={"student": student_dir, "teacher": teacher_dir}, output=s.output,
         checkpoint_dir=s.checkpoint_dir, overwrite=s.overwrite, dp_size=dp,
-        continuation_inputs=distill_inputs(student_dir, teacher_dir, s), layout=layout)
+        continuation_inputs=distill_inputs(student_dir, teacher_dir, s), layout=layout,
+        where="distill.train")
     return checked, scfg, tcfg
 
 

@@ -9,7 +9,7 @@ the end of the current step and returns `interrupted`; rerunning the same comman
 
 Resume is exact: the model, Adam's moments and step counts, the scheduler, the RNG streams and the
 sample position come back from the newest complete checkpoint, so the weights after step N are
-bit-identical on CPU to an uninterrupted run's (tests/e2e/test_train_resume.py kills one).
+bit-identical on CPU to an uninterrupted run's (tests/unit/test_train_resume.py kills one).
 """
 from __future__ import annotations
 

@@ -50,6 +50,14 @@ class TrainSettings:
         return self.steps if self.decay_steps is None else self.decay_steps
 
     def validate(self, where: str = "train") -> "TrainSettings":
+        for name in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"{where}.{name}={value!r} must be a number")
+        for name, kinds in (("seed", int), ("decay_steps", (int, type(None))), ("distributed_optimizer", bool)):
+            value = getattr(self, name)
+            if not isinstance(value, kinds) or (name != "distributed_optimizer" and isinstance(value, bool)):
+                raise ConfigError(f"{where}.{name}={value!r} has the wrong type; see conf/correct/*.yaml")
         for name in ("steps", "global_batch_size", "micro_batch_size", "seq_length", "eval_samples",
                      "keep_checkpoints", "log_interval"):
             value = getattr(self, name)
@@ -77,7 +85,7 @@ class TrainSettings:
                 raise ConfigError(f"{where}.{name}={getattr(self, name)} must be >= 0")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"{where}.global_batch_size={self.global_batch_size} is not divisible by "
-                              f"{where}.micro_batch_size={self.micro_batch_size}")
+                              f"{where}.micro_batch_size={self.micro_batch_size}; choose a multiple of it")
         return self
 
     def check_data_parallel(self, dp_size: int, where: str = "train") -> int:

@@ -66,12 +66,12 @@ def check_tokenizer(manifest: Any, data_dir: str, **ckpts: Path) -> None:
 def check_training_io(*, data: DataSettings, train: TrainSettings, models: dict[str, ModelConfig],
                       ckpts: dict[str, Path], output: str, checkpoint_dir: Optional[str],
                       overwrite: bool, dp_size: int, continuation_inputs: dict[str, Any],
-                      layout: str) -> Checked:
+                      layout: str, where: str) -> Checked:
     """Data, batch arithmetic, outputs and resumability; `ckpts` are already validated checkpoints."""
     from megatron_prune.data.loaders import token_windows
     from megatron_prune.data.manifest import load_manifest
 
-    train.check_data_parallel(dp_size)
+    train.check_data_parallel(dp_size, where)
     if not Path(data.data_dir, "manifest.json").is_file():
         raise ConfigError(f"data.data_dir={data.data_dir} holds no manifest.json; run `megatron-prune "
                           f"prepare-data` (or `megatron-prune assets`) to create it")
@@ -82,7 +82,7 @@ def check_training_io(*, data: DataSettings, train: TrainSettings, models: dict[
                               f"{manifest.tokenizer.vocab_size} but {name}={ckpts[name]} has vocab_size="
                               f"{cfg.vocab_size}")
         if train.seq_length > cfg.max_position_embeddings:
-            raise ConfigError(f"train.seq_length={train.seq_length} is longer than {name}'s "
+            raise ConfigError(f"{where}.seq_length={train.seq_length} is longer than {name}'s "
                               f"max_position_embeddings={cfg.max_position_embeddings}")
     check_tokenizer(manifest, data.data_dir, **ckpts)
     for field_name in ("train_split", "validation_split"):
@@ -150,12 +150,12 @@ def validate_correct_settings(s: CorrectSettings, tp: int, pp: int) -> tuple[Che
     from megatron_prune.models.build import check_divisibility
 
     check_divisibility(cfg, tp, pp)
-    s.train.validate()
+    s.train.validate("correct.train")
     dp, layout = launch_layout(tp, pp)
     checked = check_training_io(
         data=s.data, train=s.train, models={"checkpoint": cfg}, ckpts={"checkpoint": ckpt},
         output=s.output, checkpoint_dir=s.checkpoint_dir, overwrite=s.overwrite, dp_size=dp,
-        continuation_inputs=correct_inputs(ckpt, s.data), layout=layout)
+        continuation_inputs=correct_inputs(ckpt, s.data), layout=layout, where="correct.train")
     return checked, cfg
 
 
