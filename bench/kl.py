@@ -27,6 +27,17 @@ Per implementation and layout:
   diff    max |ours - naive| / max |naive| of the per-token KL and of the student gradient (the
           worst rank): both are float32, so ~1e-6 is agreement.
 Ratios ours / naive of peak memory (the goal: <= GOAL_PEAK_RATIO at every layout) and of time.
+
+distill_step_over_ce_step: one more torchrun job (TP1, one rank) times whole training steps of the
+library (train.optim.make_trainable, train.step.run_schedule, the optimizer and scheduler steps, as
+train/loop.py runs them) on the real shapes with random weights: the SmolLM2-135M teacher
+(conf/model/smollm2-135m.yaml) and its default width-pruned student (conf/prune/smollm2-135m.yaml:
+hidden 384, FFN 1024), STEP_MICRO_BATCHES micro-batches of STEP_MICRO_BATCH x STEP_SEQ_LENGTH random
+tokens. distill = a DistillPair step (student forward+backward, teacher forward, the KL of
+distill_forward); ce = the same student's LM cross-entropy step (lm_forward). Median of
+--step-repeats steps each, interleaved, after one warm-up step of each; ratio = distill / ce of the
+wall times, cpu_ratio the same of the process's CPU time (all its threads), which other jobs sharing
+the cores disturb less than the wall time.
 The last line printed is one JSON object.
 """
 from __future__ import annotations
@@ -43,7 +54,7 @@ from typing import Optional
 
 # measure this source tree, not whatever copy of the package is installed
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench._common import cpu_cores, run_worker_job, tensor_peak, threads_per_rank  # noqa: E402
+from bench._common import REPO_ROOT, cpu_cores, run_worker_job, tensor_peak, threads_per_rank  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -62,6 +73,10 @@ MIB = 1 << 20
 # gradient), plus the gather buffer at TP > 1: an upper bound used only to refuse sizes that would not
 # fit in memory before a job starts
 NAIVE_FULL_TENSORS = 8
+# the training-step comparison (distill_step_over_ce_step)
+STEP_SEQ_LENGTH = 128
+STEP_MICRO_BATCH = 2
+STEP_MICRO_BATCHES = 2
 
 
 def parse_layouts(text: str) -> list[int]:
@@ -84,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-tokens", type=int, default=None,
                    help="ours' tokens per chunk (default: the library's, ~64 MiB per [chunk, V/tp])")
     p.add_argument("--cores", type=int, default=0, help="cores to share among ranks (0: all usable)")
+    p.add_argument("--step-repeats", type=int, default=3,
+                   help="timed training steps of distillation and of cross-entropy (median; 0: skip)")
     # internal: one torchrun rank
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--step-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -97,6 +115,8 @@ def check_args(a: argparse.Namespace) -> None:
             raise SystemExit(f"--{name}={getattr(a, name)} must be >= 1")
     if a.chunk_tokens is not None and a.chunk_tokens < 1:
         raise SystemExit(f"--chunk-tokens={a.chunk_tokens} must be >= 1 (or left out)")
+    if a.step_repeats < 0:
+        raise SystemExit(f"--step-repeats={a.step_repeats} must be >= 0 (0 skips the training-step timing)")
     for tp in a.layouts:
         if a.vocab % tp:
             raise SystemExit(f"--vocab={a.vocab} is not divisible by TP {tp}: each rank holds V/tp. "
@@ -279,6 +299,118 @@ def worker(a: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# step worker: a distillation training step vs a cross-entropy one (TP1, one rank)
+# ------------------------------------------------------------------------------------------------
+def _conf_yaml(name: str) -> dict:
+    import yaml
+
+    with open(os.path.join(REPO_ROOT, "conf", name), encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    data.pop("defaults", None)
+    return data
+
+
+def step_models():
+    """(teacher, student) ModelConfigs: SmolLM2-135M and the prune group's default target."""
+    import dataclasses
+
+    from megatron_prune.config import ModelConfig
+
+    teacher = ModelConfig.from_dict(_conf_yaml("model/smollm2-135m.yaml"))
+    target = {k: v for k, v in _conf_yaml("prune/smollm2-135m.yaml")["target"].items()
+              if k in {f.name for f in dataclasses.fields(ModelConfig)} and v is not None}
+    return teacher, dataclasses.replace(teacher, name=f"{teacher.name}-pruned", **target).validate()
+
+
+def step_batches(vocab: int, seed: int = SEED) -> list:
+    """STEP_MICRO_BATCHES micro-batches of random tokens [STEP_MICRO_BATCH, STEP_SEQ_LENGTH]."""
+    from megatron_prune.models.forward import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(STEP_MICRO_BATCHES):
+        ids = torch.randint(0, vocab, (STEP_MICRO_BATCH, STEP_SEQ_LENGTH + 1), generator=g)  # [b, s + 1]
+        out.append(Batch(tokens=ids[:, :-1].contiguous(), labels=ids[:, 1:].contiguous(),
+                         loss_mask=torch.ones(STEP_MICRO_BATCH, STEP_SEQ_LENGTH)))
+    return out
+
+
+def step_worker(a: argparse.Namespace) -> None:
+    from megatron_prune.config import ParallelConfig
+    from megatron_prune.distill.pair import DISTILL_METRICS, DistillPair, distill_forward
+    from megatron_prune.models.build import build_model
+    from megatron_prune.runtime import init_runtime, shutdown
+    from megatron_prune.train.optim import make_trainable
+    from megatron_prune.train.settings import TrainSettings
+    from megatron_prune.train.step import LM_METRICS, lm_forward, run_schedule
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    groups = init_runtime(ParallelConfig(tp=1, pp=1))
+    try:
+        tcfg, scfg = step_models()
+        settings = TrainSettings(steps=1000, global_batch_size=STEP_MICRO_BATCH * STEP_MICRO_BATCHES,
+                                 micro_batch_size=STEP_MICRO_BATCH, seq_length=STEP_SEQ_LENGTH)
+        teacher = build_model(tcfg, groups)
+        student = build_model(scfg, groups)
+        # one student, optimizer and scheduler for both kinds of step: the same weights and state sizes
+        ddp, optimizer, scheduler = make_trainable(student, settings)
+        pair = DistillPair(ddp, teacher, groups)
+        kinds = {"distill": (pair, distill_forward(groups), DISTILL_METRICS),
+                 "ce": (ddp, lm_forward, LM_METRICS)}
+        batches = step_batches(scfg.vocab_size)
+
+        def timed(kind: str) -> tuple[float, float]:
+            """(wall time, CPU time) of one training step, as train/loop.py runs it."""
+            chunk, forward, names = kinds[kind]
+            chunk.train()
+            t0, c0 = time.perf_counter(), time.process_time()
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            sums = run_schedule(chunk, groups, batches, forward, names, forward_only=False)
+            optimizer.step()
+            scheduler.step(increment=1)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            assert sums["tokens"] == STEP_MICRO_BATCHES * STEP_MICRO_BATCH * STEP_SEQ_LENGTH, sums
+            return wall, cpu
+
+        warm = {kind: timed(kind)[0] for kind in kinds}
+        runs, cpu = {kind: [] for kind in kinds}, {kind: [] for kind in kinds}
+        for _ in range(a.step_repeats):
+            for kind in kinds:  # interleaved: a drift in machine load hits both alike
+                w, c = timed(kind)
+                runs[kind].append(w)
+                cpu[kind].append(c)
+        with open(a.out, "w", encoding="utf-8") as f:
+            json.dump({"threads": torch.get_num_threads(), "warmup_s": warm, "runs_s": runs,
+                       "cpu_s": cpu, "teacher": tcfg.to_dict(), "student": scfg.to_dict()}, f)
+    finally:
+        shutdown()
+
+
+def run_step_job(a: argparse.Namespace, cores: int, workdir: str) -> dict:
+    return run_worker_job(__file__, 1, ["--step-worker", f"--step-repeats={a.step_repeats}"],
+                          os.path.join(workdir, "step.json"), cores, "training step")
+
+
+def summarize_steps(r: dict) -> dict:
+    """A step worker's result -> median seconds per distillation / cross-entropy step and their ratio
+    (wall time), and the same of the CPU time."""
+    med = {key: {k: statistics.median(v) for k, v in r[key].items()} for key in ("runs_s", "cpu_s")}
+    distill_s, ce_s = med["runs_s"]["distill"], med["runs_s"]["ce"]
+    t, s = r["teacher"], r["student"]
+    return {"distill_s": round(distill_s, 3), "ce_s": round(ce_s, 3), "ratio": ratio(distill_s, ce_s),
+            "cpu_distill_s": round(med["cpu_s"]["distill"], 3), "cpu_ce_s": round(med["cpu_s"]["ce"], 3),
+            "cpu_ratio": ratio(med["cpu_s"]["distill"], med["cpu_s"]["ce"]),
+            "runs_s": {k: [round(x, 3) for x in v] for k, v in r["runs_s"].items()},
+            "tokens_per_step": STEP_MICRO_BATCHES * STEP_MICRO_BATCH * STEP_SEQ_LENGTH,
+            "micro_batches": STEP_MICRO_BATCHES, "micro_batch_size": STEP_MICRO_BATCH,
+            "seq_length": STEP_SEQ_LENGTH, "threads": r["threads"],
+            "teacher": f"{t['name']} h{t['hidden_size']} ffn{t['ffn_hidden_size']} L{t['num_layers']}",
+            "student": f"h{s['hidden_size']} ffn{s['ffn_hidden_size']} L{s['num_layers']}",
+            "job_s": r.get("job_s"), "loadavg_1min": r.get("loadavg_1min")}
+
+
+# ------------------------------------------------------------------------------------------------
 # parent: one torchrun job per layout, then the table and the JSON line
 # ------------------------------------------------------------------------------------------------
 def run_layout(a: argparse.Namespace, tp: int, cores: int, workdir: str) -> dict:
@@ -338,6 +470,13 @@ def table_lines(out: dict, layouts: list[str]) -> list[str]:
         flag = "" if s["peak_ratio"] is not None and s["peak_ratio"] <= GOAL_PEAK_RATIO else " !"
         lines.append(f"  {name:6s} {'ours/naive':10s} {'':5s} {'':3s} {'':5s} {s['peak_ratio']:9.3f}{flag:2s}"
                      f"{'':6s} {s['time_ratio']:7.3f}")
+    step = out.get("distill_step_over_ce_step")
+    if step:
+        lines.append(f"  training step, TP1, {step['micro_batches']} x {step['micro_batch_size']} x "
+                     f"{step['seq_length']} tokens, median of {len(step['runs_s']['ce'])}: distill "
+                     f"{step['distill_s']:.2f} s / CE {step['ce_s']:.2f} s = {step['ratio']:.2f} "
+                     f"(CPU time: {step['cpu_ratio']:.2f}; {step['teacher']} teacher, "
+                     f"{step['student']} student)")
     lines += ["  peak = tensor bytes live above the inputs during forward+backward, the gradient included",
               "         (torch profiler, worst rank); /shard = over one [T, V/tp] fp32 tensor",
               f"  goal: ours/naive peak <= {GOAL_PEAK_RATIO} (! = missed); "
@@ -349,7 +488,10 @@ def table_lines(out: dict, layouts: list[str]) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> dict:
     a = build_parser().parse_args(argv)
     if a.worker:
-        worker(a)
+        if a.step_worker:
+            step_worker(a)
+        else:
+            worker(a)
         return {}
     check_args(a)
     cores = a.cores or cpu_cores()
@@ -369,9 +511,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_kl_") as workdir:
         for tp, name in zip(a.layouts, layouts):
             out[name] = summarize_layout(run_layout(a, tp, cores, workdir))
-    # a distillation training step's time over a plain cross-entropy step's: the trainer's
-    # measurement fills this later (one more measured entry, like the layouts above)
-    out["distill_step_over_ce_step"] = None
+        # a distillation training step's time over a plain cross-entropy step's (None: skipped)
+        out["distill_step_over_ce_step"] = (summarize_steps(run_step_job(a, cores, workdir))
+                                            if a.step_repeats else None)
     out["meets_goal"] = meets_goal(out)
 
     for line in table_lines(out, layouts):

@@ -138,6 +138,15 @@ def test_layout_summary_takes_the_worst_rank_the_median_and_the_ratios(bench):
     assert s["max_rel_diff_kl"] == 2e-7 and s["max_rel_diff_grad"] == 3e-7 and s["ranks"] == 2
 
 
+def _fake_step_worker():
+    teacher = {"name": "t", "hidden_size": 8, "ffn_hidden_size": 16, "num_layers": 2}
+    student = {"name": "s", "hidden_size": 4, "ffn_hidden_size": 8, "num_layers": 2}
+    return {"threads": 2, "warmup_s": {"distill": 9.0, "ce": 9.0},
+            "runs_s": {"distill": [3.0, 9.0, 2.0], "ce": [1.0, 2.0, 1.5]},
+            "cpu_s": {"distill": [5.0, 6.0, 4.0], "ce": [4.0, 4.0, 3.0]}, "teacher": teacher,
+            "student": student, "job_s": 1.0, "loadavg_1min": [0.1, 0.2]}
+
+
 def test_main_prints_a_table_then_one_json_line_with_every_key(bench, monkeypatch, capsys):
     peaks = {1: ([1000], [600]), 2: ([4000, 4000], [900, 800])}  # TP1 misses the goal (0.6)
 
@@ -145,12 +154,16 @@ def test_main_prints_a_table_then_one_json_line_with_every_key(bench, monkeypatc
         return _fake_worker(*peaks[tp], [2.0, 2.0, 2.0], [1.0, 1.0, 1.0], tp=tp)
 
     monkeypatch.setattr(bench, "run_layout", fake_run_layout)
+    monkeypatch.setattr(bench, "run_step_job", lambda a, cores, workdir: _fake_step_worker())
     out = bench.main(["--vocab", "96", "--tokens", "10"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert json.loads(lines[-1]) == out and len(lines) > 4
     assert any(line.split()[:2] == ["tp2", "ours/naive"] for line in lines)
     assert out["goal_peak_ratio"] == 0.5 and out["meets_goal"] is False
-    assert "distill_step_over_ce_step" in out and out["distill_step_over_ce_step"] is None
+    step = out["distill_step_over_ce_step"]  # medians 3.0 / 1.5
+    assert (step["distill_s"], step["ce_s"], step["ratio"]) == (3.0, 1.5, 2.0)
+    assert (step["cpu_distill_s"], step["cpu_ce_s"], step["cpu_ratio"]) == (5.0, 4.0, 1.25)
+    assert any("distill 3.00 s / CE 1.50 s = 2.00 (CPU time: 1.25" in line for line in lines)
     assert out["tp1"]["peak_ratio"] == 0.6 and out["tp2"]["peak_ratio"] == 0.225
     for key in ("naive", "ours"):
         assert {"peak_bytes", "peak_mib", "time_s", "comm_bytes_per_token"} <= set(out["tp2"][key])
@@ -158,6 +171,19 @@ def test_main_prints_a_table_then_one_json_line_with_every_key(bench, monkeypatc
 
     peaks[1] = ([1000], [500])  # at the goal: met
     assert bench.main(["--vocab", "96", "--tokens", "10"])["meets_goal"] is True
+    assert bench.main(["--vocab", "96", "--step-repeats", "0"])["distill_step_over_ce_step"] is None
+
+
+def test_the_step_comparison_uses_smollm2_and_its_default_pruned_student(bench):
+    teacher, student = bench.step_models()
+    assert (teacher.hidden_size, teacher.ffn_hidden_size) == (576, 1536)
+    assert (student.hidden_size, student.ffn_hidden_size) == (384, 1024)
+    for name in ("num_attention_heads", "num_query_groups", "kv_channels", "num_layers", "vocab_size"):
+        assert getattr(student, name) == getattr(teacher, name)
+    batches = bench.step_batches(96)
+    assert len(batches) == bench.STEP_MICRO_BATCHES
+    assert batches[0].shape == (bench.STEP_MICRO_BATCH, bench.STEP_SEQ_LENGTH)
+    assert torch.equal(batches[0].labels[:, :-1], batches[0].tokens[:, 1:])  # next-token targets
 
 
 def test_goal_needs_a_measured_layout(bench):
